@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# Fault injection for the kill-and-resume test: CIFARLAB_KILL_DURING_SAVE=N makes the Nth
+# atomic torch save of this process SIGKILL itself halfway through writing its temp file.
+_KILL_DURING_SAVE = int(os.environ.get("CIFARLAB_KILL_DURING_SAVE", "0"))
+_saves = 0
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -32,19 +38,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    import io
+
+    global _saves
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    _saves += 1
+    if _KILL_DURING_SAVE and _saves == _KILL_DURING_SAVE:
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.write(fd, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write_bytes(path, data)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 PLUGINS: tuple[str, ...] = (
+    "cifarlab.analysis.bn_probe_callback",
 )
 
 

@@ -1,0 +1,42 @@
+# Two commands do all set-up: `make demo` and `make test` (each creates .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist
+# demo: a CIFAR-style ResNet on real Fashion-MNIST, sized for a 2-core laptop CPU (< 5 min)
+DEMO_ARGS ?= --model resnet20 --dataset fashion --epochs 3 --batch-size 128 --lr 0.1 \
+	--scheduler cosine --experiment demo --run-name resnet20-fashion
+
+.PHONY: demo test report bench venv fashion clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real data offline: Debian's dataset-fashion-mnist when we are root on Debian; otherwise the
+# code finds ./data or downloads Fashion-MNIST itself.
+fashion:
+	@if [ ! -d $(FASHION) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
+		echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded"; \
+	fi
+
+demo: $(STAMP) fashion
+	@rm -rf log/demo/resnet20-fashion
+	$(PY) -m cifarlab train $(DEMO_ARGS)
+
+test: $(STAMP) fashion
+	$(PY) -m pytest -n 2 --dist loadfile tests
+
+report: $(STAMP)
+	$(PY) -m cifarlab report --log log --out report
+
+bench: $(STAMP)
+	$(PY) -m cifarlab bench throughput --model resnet20 --device cpu

@@ -1,0 +1,79 @@
+"""Checkpoints: atomic writes, safe loading (weights_only=True) and clear errors.
+
+A checkpoint holds everything a bit-for-bit resume on CPU needs: model, optimizer, scheduler,
+epoch, best-so-far, RNG states (torch, CUDA, NumPy, Python), callback states and the config.
+NumPy's RNG state is stored as plain tensors/ints so that weights_only loading accepts it.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifarlab.errors import CheckpointError
+from cifarlab.utils import atomic_torch_save
+
+FORMAT = "cifarlab-checkpoint-v1"
+
+
+def capture_rng() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_python_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(st):
+    version, internal, gauss = st
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_plain(st):
+    version, internal, gauss = st
+    return (version, tuple(internal), gauss)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    atomic_torch_save({"format": FORMAT, **payload}, path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Load and check a cifarlab checkpoint; any problem is one CheckpointError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or not readable ({first[:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a cifarlab checkpoint")
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0][:160]})") from None

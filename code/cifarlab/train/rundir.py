@@ -1,0 +1,93 @@
+"""The run directory: what a run leaves on disk, written atomically, never silently overwritten.
+
+Layout (DESIGN.md): config.yaml, metrics.csv, log.txt, summary.json, curves.png,
+checkpoints/last.pt and best.pt. metrics.csv and log.txt are regenerated from the epoch
+history (which also lives in last.pt), so a run killed at any moment resumes with files that
+match its checkpoint exactly.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from cifarlab.errors import RunDirError
+from cifarlab.utils import atomic_write_text
+
+BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s"]
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self.last = self.ckpt_dir / "last.pt"
+        self.best = self.ckpt_dir / "best.pt"
+
+    # -- state of the folder ------------------------------------------------------------------
+    def summary(self) -> dict[str, Any] | None:
+        f = self.path / "summary.json"
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_finished(self) -> bool:
+        s = self.summary()
+        return bool(s and s.get("finished"))
+
+    def holds_run(self) -> bool:
+        """True when a run has written here (other files, e.g. train.sh's stdout.txt, do not count)."""
+        return any((self.path / n).exists() for n in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.pt"))
+
+    def prepare(self, resume: bool) -> bool:
+        """Check the folder against the request; return True when there is a checkpoint to resume."""
+        if self.is_finished():
+            raise RunDirError(f"{self.path} holds a finished run; choose another --run-dir or remove it")
+        has_ckpt = self.last.is_file()
+        if resume:
+            if not self.path.is_dir():
+                raise RunDirError(f"--resume: no run to resume in {self.path}")
+            for stale in self.ckpt_dir.glob(".*.tmp"):  # a save interrupted by a kill
+                stale.unlink()
+            return has_ckpt
+        if self.holds_run():
+            raise RunDirError(f"{self.path} already holds an unfinished run; pass --resume to continue it "
+                              f"or choose another --run-dir")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        return False
+
+    # -- writers ------------------------------------------------------------------------------
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
+        columns = list(BASE_COLUMNS)
+        for row in history:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+
+    def write_log(self, header: list[str], history: list[dict[str, Any]], footer: list[str] = ()) -> None:
+        lines = list(header) + [format_epoch_line(r) for r in history] + list(footer)
+        atomic_write_text(self.path / "log.txt", "\n".join(lines) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def format_epoch_line(r: dict[str, Any]) -> str:
+    val = "" if r.get("val_acc") is None else f" | val loss {r['val_loss']:.4f} acc {100 * r['val_acc']:.2f}%"
+    return (f"epoch {r['epoch']:>4} | lr {r['lr']:.3g} | train loss {r['train_loss']:.4f} "
+            f"acc {100 * r['train_acc']:.2f}%{val} | {r['epoch_time_s']:.1f}s {r['images_per_s']:.0f} img/s")

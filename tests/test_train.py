@@ -1,0 +1,262 @@
+"""The training engine: run directory contract, resume after SIGKILL, bad input, divergence, DDP."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cifarlab.cli import main
+from cifarlab.config import make_config
+from cifarlab.train import Callback, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny job: LeNet-5 on seeded synthetic images, a few hundred of them.
+TINY = ["--model", "lenet5", "--dataset", "synthetic", "--train-subset", "256", "--test-subset", "128",
+        "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "off"]
+SCORE_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
+
+
+def tiny_config(tmp_path, **kw):
+    base = dict(model="lenet5", dataset="synthetic", train_subset=256, test_subset=128, batch_size=64,
+                lr=0.05, device="cpu", progress="off", epochs=2, run_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return make_config(base)
+
+
+def run_cli(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "cifarlab", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fit_writes_the_run_directory_contract(tmp_path):
+    summary = Trainer(tiny_config(tmp_path)).fit()
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "log.txt", "summary.json", "curves.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns[:8]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                                         "epoch_time_s", "images_per_s"]
+    assert metrics["epoch"].tolist() == [1, 2]
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("model", "dataset", "params", "flops", "epochs_completed", "best_epoch", "best_val_acc",
+                "test_acc", "test_error", "wall_time_s", "diverged"):
+        assert key in on_disk, key
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["epochs_completed"] == 2 and on_disk["diverged"] is False and on_disk["finished"] is True
+    assert on_disk["best_val_acc"] == pytest.approx(metrics["val_acc"].max(), abs=1e-6)
+    assert on_disk["test_error"] == pytest.approx(100 * (1 - on_disk["test_acc"]))
+    assert on_disk["params"] == 61706  # LeNet-5 with 10 classes and 3 input channels
+    log_lines = (run / "log.txt").read_text().splitlines()
+    assert sum(line.startswith("epoch") for line in log_lines) == 2
+
+
+def test_training_learns_the_synthetic_task(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, epochs=4, train_subset=1024, lr=0.05)).fit()
+    assert summary["test_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+class _RecordVal(Callback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, trainer, epoch, row):
+        self.epochs.append(epoch)
+        row["extra_column"] = epoch * 10
+
+
+def test_callbacks_add_columns_and_see_every_epoch(tmp_path):
+    cb = _RecordVal()
+    Trainer(tiny_config(tmp_path, epochs=3), callbacks=[cb]).fit()
+    assert cb.epochs == [1, 2, 3]
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["extra_column"].tolist() == [10, 20, 30]
+
+
+def test_test_set_is_scored_with_the_best_validation_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=3)
+    summary = Trainer(cfg).fit()
+    best = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"]
+    # re-score best.pt by hand: same test accuracy
+    t = Trainer(cfg, write=False)
+    t._setup()
+    t.model.load_state_dict(best["model"])
+    _, acc = t.evaluate(t.data.test)
+    assert acc == pytest.approx(summary["test_acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("kill", ["after-epoch", "during-save"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, kill):
+    args = [*TINY, "--epochs", "4", "--scheduler", "cosine"]
+    ref = run_cli("train", *args, "--run-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    if kill == "during-save":
+        # the 4th checkpoint save (epoch 2's best.pt or last.pt) dies halfway through its write
+        died = run_cli("train", *args, "--run-dir", str(run), env_extra={"CIFARLAB_KILL_DURING_SAVE": "4"})
+        assert died.returncode == -signal.SIGKILL
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "cifarlab", "train", *args, "--run-dir", str(run)],
+                                cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoints/last.pt").exists():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run / "summary.json").exists()
+    resumed = run_cli("train", *args, "--run-dir", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = pd.read_csv(tmp_path / "ref/metrics.csv")[SCORE_COLUMNS]
+    b = pd.read_csv(run / "metrics.csv")[SCORE_COLUMNS]
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    sa = json.loads((tmp_path / "ref/summary.json").read_text())
+    sb = json.loads((run / "summary.json").read_text())
+    for key in ("test_acc", "test_loss", "best_epoch", "best_val_acc", "epochs_completed"):
+        assert sa[key] == sb[key], key
+    wa = torch.load(tmp_path / "ref/checkpoints/last.pt", weights_only=True)["model"]
+    wb = torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_non_finite_loss_stops_cleanly_as_diverged(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, lr=1e12, optimizer="sgd", epochs=5, scheduler="none")).fit()
+    on_disk = json.loads((tmp_path / "run/summary.json").read_text())
+    assert on_disk["diverged"] is True and summary["diverged"] is True
+    assert on_disk["epochs_completed"] < 5
+    assert "diverged" in (tmp_path / "run/log.txt").read_text()
+
+
+# -- bad input: one line "error: ...", exit 2, nothing on disk lost ----------------------------------------
+BAD_INPUT = [
+    (["--model", "resnet9000"], "unknown model"),
+    (["--dataset", "imagenet"], "dataset"),
+    (["--optimizer", "lion"], "unknown optimizer"),
+    (["--scheduler", "warm"], "unknown scheduler"),
+    (["--loss", "hinge2"], "unknown loss"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--batch-size", "-3"], "batch_size must be a positive integer"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--lr", "-0.1"], "lr must be positive"),
+    (["--drop-rate", "1.5"], "drop_rate must be in [0, 1)"),
+    (["--momentum", "1.2"], "momentum must be in [0, 1)"),
+    (["--epochs", "two"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT)
+def test_bad_input_is_one_error_line(tmp_path, capsys, extra, message):
+    code = main(["train", *TINY, "--epochs", "1", "--run-dir", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_unknown_config_key_and_bad_yaml(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("epochs: 1\nbogus: 3\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown config key(s): bogus" in capsys.readouterr().err
+    (tmp_path / "d.yaml").write_text("epochs: [1\n")
+    assert main(["train", "--config", str(tmp_path / "d.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_config_file_is_overridden_by_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: lenet5\ndataset: synthetic\nepochs: 7\nlr: 0.3\n")
+    from cifarlab.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.01"])
+    cfg = config_from_args(args)
+    assert (cfg.epochs, cfg.lr, cfg.model) == (7, 0.01, "lenet5")
+
+
+def test_finished_run_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 0
+    before = tree_digest(run)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run), "--resume"]) == 2
+    assert tree_digest(run) == before
+
+
+def test_resume_without_a_run(tmp_path, capsys):
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_damaged_checkpoint_on_resume(tmp_path, capsys, damage):
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 0
+    (run / "summary.json").unlink()  # pretend it was killed before finishing
+    last = run / "checkpoints/last.pt"
+    if damage == "truncated":
+        data = last.read_bytes()
+        last.write_bytes(data[: len(data) // 3])
+    elif damage == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, last)
+    before = tree_digest(run)
+    capsys.readouterr()
+    code = main(["train", *TINY, "--epochs", "2", "--run-dir", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("truncated" in err) if damage == "truncated" else ("not a cifarlab checkpoint" in err)
+    assert tree_digest(run) == before
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 0
+    (run / "summary.json").unlink()
+    (run / "checkpoints/last.pt").unlink()
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run), "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 1
+
+
+def test_resume_refuses_a_different_model(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 0
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--run-dir", str(run), "--resume", "--model", "resnet20"]) == 2
+    assert "differs from the run's" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_on_cpu_match_one_process(tmp_path):
+    args = ["--model", "lenet5", "--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256",
+            "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "off", "--epochs", "2",
+            "--no-augment", "--scheduler", "none"]
+    single = run_cli("train", *args, "--run-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                          "-m", "cifarlab", "train", *args, "--run-dir", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "one/metrics.csv")
+    b = pd.read_csv(tmp_path / "two/metrics.csv")
+    for col in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert b[col].tolist() == pytest.approx(a[col].tolist(), abs=2e-3), col
+    sb = json.loads((tmp_path / "two/summary.json").read_text())
+    sa = json.loads((tmp_path / "one/summary.json").read_text())
+    assert sb["world_size"] == 2
+    assert sb["test_acc"] == pytest.approx(sa["test_acc"], abs=5e-3)
