@@ -61,7 +61,8 @@ def test_fit_writes_the_run_directory_contract(tmp_path):
     assert on_disk["epochs_completed"] == 2 and on_disk["diverged"] is False and on_disk["finished"] is True
     assert on_disk["best_val_acc"] == pytest.approx(metrics["val_acc"].max(), abs=1e-6)
     assert on_disk["test_error"] == pytest.approx(100 * (1 - on_disk["test_acc"]))
-    assert on_disk["params"] == 61706  # LeNet-5 with 10 classes and 3 input channels
+    # LeNet-5, 3 input channels: 456 + 2,416 + 48,120 + 10,164 + 850
+    assert on_disk["params"] == 62006
     log_lines = (run / "log.txt").read_text().splitlines()
     assert sum(line.startswith("epoch") for line in log_lines) == 2
 
