@@ -93,6 +93,7 @@ class TrainConfig:
     edropout_freeze_epoch: int = 100
     edropout_p0: float = 0.5
     edropout_mutation: str = "original"
+    edropout_random_keep: float | None = None  # random-mask baseline: fixed random state keeping this fraction
     # BatchNorm probes (issue 5); 0 = off
     probe_interval: int = 0
     probe_steps: list = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02, 0.01])
@@ -221,6 +222,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"drop_rate must be in [0, 1), got {cfg.drop_rate}")
     if cfg.block_type not in (0, 1, 2, 3):
         raise ConfigError(f"block_type must be 0, 1, 2 or 3, got {cfg.block_type}")
+    drop_kind = None
+    if cfg.drop_type is not None:  # structural dropout (issue 7): names or the original's codes 0-3
+        from cifarlab.dropout.layers import parse_drop_type
+
+        drop_kind = parse_drop_type(cfg.drop_type)
+    if cfg.drop_rate > 0 and drop_kind is None:
+        raise ConfigError("drop_rate needs a drop_type (neuron, channel, path or layer)")
+    if cfg.report_ratio and drop_kind is None:
+        raise ConfigError("report_ratio tracks the norm layers after dropout: it needs a drop_type")
     if cfg.norm not in ("bn", "gn"):
         raise ConfigError(f"norm must be 'bn' or 'gn', got {cfg.norm!r}")
     if cfg.amp not in ("auto", "bf16", "off"):
@@ -237,6 +247,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"edropout_p0 must be in (0, 1], got {cfg.edropout_p0}")
     if cfg.edropout_mutation not in ("original", "textbook"):
         raise ConfigError(f"edropout_mutation must be 'original' or 'textbook', got {cfg.edropout_mutation!r}")
+    if cfg.edropout_random_keep is not None:
+        if not 0.0 < cfg.edropout_random_keep <= 1.0:
+            raise ConfigError(f"edropout_random_keep must be in (0, 1], got {cfg.edropout_random_keep}")
+        if not cfg.edropout:
+            raise ConfigError("edropout_random_keep is a mode of EDropout: it needs --edropout (or --recipe edropout)")
     if cfg.probe_interval < 0:
         raise ConfigError(f"probe_interval must be non-negative, got {cfg.probe_interval}")
     for name in ("slbi_kappa", "slbi_mu"):

@@ -10,6 +10,9 @@ import importlib
 
 PLUGINS: tuple[str, ...] = (
     "cifarlab.analysis.bn_probe_callback",
+    "cifarlab.dropout.variance_shift",
+    "cifarlab.dropout.edropout",
+    "cifarlab.analysis.slbi_callbacks",
 )
 
 

@@ -1,0 +1,129 @@
+"""build_loaders: one config -> train/val/test loaders on the device, plus the dataset's facts.
+
+Splits:
+- validation: round(N * cfg.val_fraction) training images (at least one when the fraction is
+  positive), the first ones of a permutation of the training set seeded by cfg.seed;
+  val_fraction 0 -> no validation loader (None).
+- cfg.train_subset N: the first N of the remaining (still permuted) images — the course's
+  partial dataset. The validation set is held out of the full training set, before the subset.
+- cfg.test_subset N: the first N of a permutation of the test set seeded by a constant
+  (TEST_SUBSET_SEED), so runs with different seeds are scored on the same test images.
+A subset larger than its split keeps the whole split (with a warning).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cifarlab.data.device_loader import DeviceLoader
+from cifarlab.data.registry import HFLIP_OK, DatasetInfo, base_name, dataset_info
+from cifarlab.data.sources import load_arrays, open_torchvision, resolve_data_root
+from cifarlab.errors import ConfigError, DatasetError
+
+TEST_SUBSET_SEED = 0
+CROP_PAD = 4  # zero padding of the random crop, for 32x32 and 28x28 images alike
+
+
+@dataclass
+class DataBundle:
+    train: Any  # DeviceLoader or TorchLoader
+    val: Any | None
+    test: Any
+    info: DatasetInfo
+    sizes: dict[str, int] = field(default_factory=dict)  # images per split, all ranks together
+
+
+def split_train_val(n: int, val_fraction: float, seed: int,
+                    train_subset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) into a training set of n images; see the module doc."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0:
+        n_val = max(n_val, 1)
+    if n_val >= n:
+        raise DatasetError(f"val_fraction {val_fraction} leaves no training images out of {n}")
+    val, rest = perm[:n_val], perm[n_val:]
+    return rest[:_clamped(train_subset, len(rest), "train_subset")], val
+
+
+def subset_indices(n: int, subset: int | None, seed: int = TEST_SUBSET_SEED) -> torch.Tensor:
+    """The first ``subset`` of a seeded permutation of range(n) (all of them if subset is None)."""
+    if subset is None:
+        return torch.arange(n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[:_clamped(subset, n, "test_subset")]
+
+
+def _clamped(k: int | None, n: int, what: str) -> int:
+    if k is None:
+        return n
+    if k > n:
+        warnings.warn(f"{what}={k} exceeds the {n} images available; using all {n}", stacklevel=3)
+    return min(k, n)
+
+
+def _check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DatasetError(f"dataset {name!r}: labels must lie in [0, {num_classes}), "
+                           f"found {int(labels.min())}..{int(labels.max())}")
+
+
+def build_loaders(cfg, device, rank: int = 0, world_size: int = 1, **kw) -> DataBundle:
+    """Loaders for cfg.dataset on ``device``; this rank's share when world_size > 1.
+
+    Training batches per rank hold cfg.batch_size // world_size images (global batch =
+    cfg.batch_size); evaluation batches hold cfg.eval_batch_size. kwargs go to load_arrays for
+    synthetic data (size, shape, num_classes, seed); ``image_size`` (or a cfg.image_size field)
+    sets the output size of Flowers-102 (default 32).
+    """
+    image_size = kw.pop("image_size", None) or getattr(cfg, "image_size", None)
+    info = dataset_info(cfg.dataset, image_size=image_size)
+    train_bs = cfg.batch_size // world_size
+    if train_bs < 1:
+        raise ConfigError(f"batch_size {cfg.batch_size} is smaller than the world size {world_size}")
+    root = resolve_data_root(cfg.data_root)
+    if not info.fixed_size:
+        return _build_torch_loaders(cfg, info, root, device, rank, world_size, train_bs)
+
+    train_x, train_y = load_arrays(cfg.dataset, root, True, cfg.download, **kw)
+    test_x, test_y = load_arrays(cfg.dataset, root, False, cfg.download, **kw)
+    for labels in (train_y, test_y):
+        _check_labels(cfg.dataset, labels, info.num_classes)
+    tr, va = split_train_val(len(train_x), cfg.val_fraction, cfg.seed, cfg.train_subset)
+    te = subset_indices(len(test_x), cfg.test_subset)
+
+    common = dict(mean=info.mean, std=info.std, device=device, rank=rank, world_size=world_size)
+    train = DeviceLoader(train_x[tr], train_y[tr], train_bs, shuffle=True, augment=cfg.augment, pad=CROP_PAD,
+                         flip=HFLIP_OK[base_name(cfg.dataset)], cutout=cfg.cutout, seed=cfg.seed, **common)
+    val = DeviceLoader(train_x[va], train_y[va], cfg.eval_batch_size, **common) if len(va) else None
+    test = DeviceLoader(test_x[te], test_y[te], cfg.eval_batch_size, **common)
+    return DataBundle(train, val, test, info, {"train": len(tr), "val": len(va), "test": len(te)})
+
+
+def _build_torch_loaders(cfg, info, root, device, rank, world_size, train_bs) -> DataBundle:
+    """Flowers-102: its official train / val / test splits (val only when val_fraction > 0);
+    train_subset and test_subset pick seeded subsets as for the other datasets."""
+    from cifarlab.data.torch_loader import TorchLoader, flowers_transforms
+
+    size = info.image_size[0]
+    name = cfg.dataset
+    open_split = lambda split: open_torchvision(name, root, split, None, cfg.download)  # noqa: E731
+    train_ds, test_ds = open_split("train"), open_split("test")
+    tr = subset_indices(len(train_ds), cfg.train_subset, cfg.seed)
+    te = subset_indices(len(test_ds), cfg.test_subset)
+    common = dict(device=device, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
+    eval_tf = flowers_transforms(size, info.mean, info.std, train=False, augment=False)
+    train = TorchLoader(train_ds, tr, flowers_transforms(size, info.mean, info.std, True, cfg.augment, cfg.cutout),
+                        train_bs, shuffle=True, seed=cfg.seed, **common)
+    val, n_val = None, 0
+    if cfg.val_fraction > 0:
+        val_ds = open_split("val")
+        n_val = len(val_ds)
+        val = TorchLoader(val_ds, torch.arange(n_val), eval_tf, cfg.eval_batch_size, **common)
+    test = TorchLoader(test_ds, te, eval_tf, cfg.eval_batch_size, **common)
+    return DataBundle(train, val, test, info, {"train": len(tr), "val": n_val, "test": len(te)})

@@ -1,0 +1,386 @@
+"""SLBI, the optimizer of DessiLBI (Fu et al., ICML 2020), and an Adam-style variant.
+
+Every sparse parameter W (conv or linear weight) carries two state tensors, ``z`` (the paper's
+V) and ``gamma`` (the sparse companion Gamma), both starting at zero. With step size a, the
+loss direction d (gradient after weight decay and momentum) and W, Gamma taken before the step:
+
+    W     <- W - a*kappa*d - a*kappa*(W - Gamma)/mu
+    z     <- z + (a/mu)*(W - Gamma)
+    Gamma <- kappa * Prox_lam(z)
+
+Prox is the element-wise soft threshold sign(z)*max(|z|-lam, 0) for penalty "elementwise"
+(linear weights) and the group soft threshold z_g*max(0, 1 - lam/||z_g||_2) with one group per
+output filter (index along dim 0) for penalty "group" (conv weights). Parameters with penalty
+None (biases, BatchNorm) take the plain step W <- W - a*kappa*d (note the kappa, as in the
+official code). Momentum is heavy-ball: buf = m*buf + g (buf = g on the first step), d = buf.
+
+Weight decay follows the PyTorch convention: wd*W is added to the gradient before momentum,
+and only for parameters with more than one dimension. The official code differs (REFERENCE
+§2 quirk): it adds wd*W to the momentum buffer in place after the momentum update (so decay
+accumulates in the buffer) and also skips parameters whose name contains "bn". With wd = 0
+(the recipes' setting for LeNet-5) both agree exactly.
+
+The step is vectorised with ``torch._foreach_*`` over each group's parameters and works in place
+(no parameter-sized temporaries once the momentum buffers exist); the per-filter norms of the
+group prox are one small kernel per tensor, concatenated for one threshold. Nothing reads a
+value back to the host, so a step never synchronises with the device.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from cifarlab.errors import ConfigError
+from cifarlab.optim.registry import register_optimizer
+
+PENALTIES = ("group", "elementwise", None)
+NEVER = 2000  # the official "never activated" epoch; used by the toolbox's first-activation record
+
+
+# -- the two proximal maps (pure; tests pin them) ---------------------------------------------
+
+def soft_threshold(z: torch.Tensor, lam: float) -> torch.Tensor:
+    """sign(z)*max(|z|-lam, 0), written as z - clamp(z, -lam, lam) (bit-identical, one fewer op)."""
+    return z - z.clamp(-lam, lam)
+
+
+def group_scale(z: torch.Tensor, lam: float) -> torch.Tensor:
+    """max(0, 1 - lam/||z_g||) per group g = index along dim 0 (0 where ||z_g|| = 0)."""
+    norms = _row_norms(z)
+    return (1.0 - lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
+
+
+def group_soft_threshold(z: torch.Tensor, lam: float) -> torch.Tensor:
+    """z_g * max(0, 1 - lam/||z_g||_2), one group per output filter (dim 0)."""
+    s = group_scale(z, lam)
+    return z * s.view(-1, *([1] * (z.dim() - 1)))
+
+
+def resolve_penalty(penalty, p: torch.Tensor):
+    """'auto' picks by shape: 4-D (conv) -> group, 2-D (linear) -> elementwise, else None."""
+    if penalty != "auto":
+        return penalty
+    return {4: "group", 2: "elementwise"}.get(p.dim())
+
+
+def slbi_param_groups(model: nn.Module, lam: float = 1.0, fc_lam: float | None = None,
+                      layers: Iterable[str] | None = None) -> list[dict]:
+    """Conv weights -> group sparsity (one group per filter), linear weights -> element-wise
+    sparsity (lambda ``fc_lam``, default ``lam``), everything else -> the plain update.
+    ``layers``: restrict sparsity to these module names (others get the plain update)."""
+    wanted = None if layers is None else set(layers)
+    conv, linear, plain = [], [], []
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            sparse_ok = pname == "weight" and (wanted is None or mname in wanted)
+            if sparse_ok and isinstance(module, nn.modules.conv._ConvNd):
+                conv.append(p)
+            elif sparse_ok and isinstance(module, nn.Linear):
+                linear.append(p)
+            else:
+                plain.append(p)
+    if wanted is not None:
+        missing = wanted - {n for n, _ in model.named_modules()}
+        if missing:
+            raise ConfigError(f"slbi layers not in the model: {', '.join(sorted(missing))}")
+    groups = [{"params": conv, "penalty": "group", "lam": lam},
+              {"params": linear, "penalty": "elementwise", "lam": lam if fc_lam is None else fc_lam},
+              {"params": plain, "penalty": None}]
+    return [g for g in groups if g["params"]]
+
+
+class SLBI(Optimizer):
+    """Split Linearized Bregman Iteration with heavy-ball momentum (see the module docstring).
+
+    Per parameter group: ``penalty`` in {"group", "elementwise", None, "auto"} (default
+    "auto": by shape) and ``lam`` may be overridden. State per sparse parameter: ``z`` and
+    ``gamma`` (zero at construction), plus ``momentum_buffer`` once stepped.
+    """
+
+    def __init__(self, params, lr: float, kappa: float = 1.0, mu: float = 100.0, lam: float = 1.0,
+                 momentum: float = 0.9, weight_decay: float = 0.0, penalty="auto", compiled: bool = False):
+        _check("lr", lr, positive=True)
+        _check("kappa", kappa, positive=True)
+        _check("mu", mu, positive=True)
+        _check("lam", lam)
+        _check("weight_decay", weight_decay)
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"SLBI momentum must be in [0, 1), got {momentum}")
+        defaults = dict(lr=lr, kappa=kappa, mu=mu, lam=lam, momentum=momentum,
+                        weight_decay=weight_decay, penalty=penalty)
+        super().__init__(params, defaults)
+        # compiled=True: the sparse update (momentum, W, z, Gamma) as one torch.compile'd function,
+        # fused into one pass per tensor (plus the norm) instead of ~10 memory-bound kernels.
+        self.compiled = bool(compiled)
+        for group in self.param_groups:
+            if group["penalty"] not in PENALTIES + ("auto",):
+                raise ConfigError(f"SLBI penalty must be 'group', 'elementwise', None or 'auto', "
+                                  f"got {group['penalty']!r}")
+            _check("lam", group["lam"])
+            for p in group["params"]:
+                if resolve_penalty(group["penalty"], p) is not None:
+                    self.state[p]["z"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # -- the loss direction d (SLBIAdam overrides this) ------------------------------------------
+    def _direction(self, group: dict, params: list, grads: list) -> list:
+        """d = momentum buffer of (g + wd*W). In place on the buffers: fresh large tensors cost
+        page faults on the CPU, so a step allocates nothing of parameter size once warm."""
+        wd, m = group["weight_decay"], group["momentum"]
+        decay = [i for i, p in enumerate(params) if p.dim() > 1] if wd != 0 else []
+        if m == 0:
+            if not decay:
+                return list(grads)
+            d = list(grads)  # g + wd*W without touching p.grad: one new tensor per decayed param
+            decayed = torch._foreach_add([grads[i] for i in decay], [params[i] for i in decay], alpha=wd)
+            for j, i in enumerate(decay):
+                d[i] = decayed[j]
+            return d
+        old_bufs, old_grads = [], []
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if "momentum_buffer" not in st:  # first step: buf = g (+ wd*W below)
+                st["momentum_buffer"] = g.detach().clone(memory_format=torch.preserve_format)
+            else:
+                old_bufs.append(st["momentum_buffer"])
+                old_grads.append(g)
+        if old_bufs:
+            torch._foreach_mul_(old_bufs, m)
+            torch._foreach_add_(old_bufs, old_grads)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        if decay:  # buf = m*buf + g + wd*W, the same as folding wd*W into g first
+            torch._foreach_add_([bufs[i] for i in decay], [params[i] for i in decay], alpha=wd)
+        return bufs
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise ConfigError("SLBI does not support sparse gradients")
+            if self.compiled and self._fusable(group, params):
+                self._fused_update(group, params, grads)
+                continue
+            d = self._direction(group, params, grads)
+            self._update(group, params, d)
+        return loss
+
+    def _fusable(self, group: dict, params: list) -> bool:
+        return (type(self)._direction is SLBI._direction and group["momentum"] != 0
+                and all("momentum_buffer" in self.state[p] for p in params))
+
+    def _fused_update(self, group: dict, params: list, grads: list) -> None:
+        """Same equations, one compiled kernel per tensor; sparse params only, plain ones eagerly."""
+        lr, kappa, mu, lam = group["lr"], group["kappa"], group["mu"], group["lam"]
+        m, wd = group["momentum"], group["weight_decay"]
+        kinds: dict = {"group": [], "elementwise": [], None: []}
+        for p, g in zip(params, grads):
+            kinds[resolve_penalty(group["penalty"], p)].append((p, g))
+        plain = kinds.pop(None)
+        if plain:
+            ps = [p for p, _ in plain]
+            self._update(group, ps, self._direction(group, ps, [g for _, g in plain]))
+        for penalty, pairs in kinds.items():
+            if not pairs:
+                continue
+            ps = [p for p, _ in pairs]
+            st = [self.state[p] for p in ps]
+            _compiled_sparse_step()(ps, [g for _, g in pairs], [s["momentum_buffer"] for s in st],
+                                    [s["z"] for s in st], [s["gamma"] for s in st],
+                                    lr, kappa, mu, lam, m, wd, penalty == "group")
+
+    def _update(self, group: dict, params: list, d: list) -> None:
+        lr, kappa, mu, lam = group["lr"], group["kappa"], group["mu"], group["lam"]
+        by_penalty: dict = {"group": ([], []), "elementwise": ([], []), None: ([], [])}
+        for p, di in zip(params, d):
+            ps, ds = by_penalty[resolve_penalty(group["penalty"], p)]
+            ps.append(p)
+            ds.append(di)
+        plain_p, plain_d = by_penalty[None]
+        if plain_p:
+            torch._foreach_add_(plain_p, plain_d, alpha=-lr * kappa)
+        for penalty in ("group", "elementwise"):
+            ps, ds = by_penalty[penalty]
+            if not ps:
+                continue
+            zs = [self.state[p]["z"] for p in ps]
+            gammas = [self.state[p]["gamma"] for p in ps]
+            # Gamma_old is recomputed from z below, so its buffer holds Gamma_old - W_old meanwhile:
+            # an exact difference (no cancellation in z) and no temporary.
+            torch._foreach_sub_(gammas, ps)                           # gamma := Gamma - W
+            torch._foreach_add_(zs, gammas, alpha=-lr / mu)           # z += (a/mu)(W - Gamma)
+            torch._foreach_add_(ps, gammas, alpha=lr * kappa / mu)    # W -= (a kappa/mu)(W - Gamma)
+            torch._foreach_add_(ps, ds, alpha=-lr * kappa)            # W -= a kappa d
+            if penalty == "elementwise":
+                # kappa*soft(z) = -kappa*(clamp(z, -lam, lam) - z), bit-identical to sign*max(|z|-lam, 0)
+                for z, g in zip(zs, gammas):
+                    torch.clamp(z, -lam, lam, out=g)
+                torch._foreach_sub_(gammas, zs)
+                torch._foreach_mul_(gammas, -kappa)
+            else:
+                # per-filter norms (any memory format), one threshold over all of this group's filters
+                norms = torch.cat([_row_norms(z) for z in zs])
+                scale = (1.0 - lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
+                scale.mul_(kappa)
+                for z, g, s in zip(zs, gammas, scale.split([z.shape[0] for z in zs])):
+                    torch.mul(z, s.view(-1, *([1] * (z.dim() - 1))), out=g)
+
+
+def _sparse_step(ps, grads, bufs, zs, gammas, lr, kappa, mu, lam, m, wd, group_penalty: bool):
+    """The SLBI update of REFERENCE §2 for momentum > 0 and existing buffers, written per tensor
+    so that torch.compile fuses it (weight decay PyTorch-style, as in the eager path)."""
+    for p, g, b, z, gam in zip(ps, grads, bufs, zs, gammas):
+        if wd != 0 and p.dim() > 1:
+            g = g + wd * p
+        b.mul_(m).add_(g)
+        diff = p - gam
+        z.add_(diff, alpha=lr / mu)
+        p.sub_(b * (lr * kappa) + diff * (lr * kappa / mu))
+        if group_penalty:
+            gam.copy_(z * (kappa * group_scale(z, lam)).view(-1, *([1] * (z.dim() - 1))))
+        else:
+            gam.copy_(kappa * soft_threshold(z, lam))
+
+
+_COMPILED = None
+
+
+def _compiled_sparse_step():
+    global _COMPILED
+    if _COMPILED is None:  # compiled on first use; later lr values reuse it (floats stay symbolic)
+        _COMPILED = torch.compile(_sparse_step, dynamic=False)
+    return _COMPILED
+
+
+def _row_norms(z: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each slice along dim 0 (one group per output filter / unit)."""
+    if z.dim() == 1:
+        return z.abs()
+    return torch.linalg.vector_norm(z, dim=tuple(range(1, z.dim())))
+
+
+class SLBIAdam(SLBI):
+    """SLBI with an Adam direction: d = m_hat / (sqrt(v_hat) + eps) from bias-corrected moments
+    of the (weight-decayed) gradient; the W/z/Gamma updates are those of SLBI. With Adam's small
+    step sizes z moves slowly (a/mu per step), so lam or mu usually need lowering."""
+
+    def __init__(self, params, lr: float = 1e-3, kappa: float = 1.0, mu: float = 100.0, lam: float = 1.0,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, penalty="auto"):
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ConfigError(f"SLBIAdam betas must be in [0, 1), got {tuple(betas)}")
+        _check("eps", eps, positive=True)
+        super().__init__(params, lr=lr, kappa=kappa, mu=mu, lam=lam, momentum=0.0,
+                         weight_decay=weight_decay, penalty=penalty)
+        for group in self.param_groups:
+            group.setdefault("betas", tuple(betas))
+            group.setdefault("eps", eps)
+
+    def _direction(self, group: dict, params: list, grads: list) -> list:
+        g = super()._direction(group, params, grads)  # weight decay only (momentum is 0)
+        b1, b2 = group["betas"]
+        ms, vs, steps = [], [], []
+        for p in params:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU: reading it is no device sync
+            st["step"] += 1
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            steps.append(st["step"].item())
+        torch._foreach_lerp_(ms, g, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, g, g, value=1 - b2)
+        # d = (m / bc1) / (sqrt(v / bc2) + eps)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** t) for t in steps])
+        torch._foreach_add_(denom, group["eps"])
+        d = torch._foreach_div(ms, denom)
+        torch._foreach_div_(d, [1 - b1 ** t for t in steps])
+        return d
+
+
+def _check(name: str, value, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"SLBI {name} must be {'positive' if positive else 'non-negative'}, got {value!r}")
+
+
+# -- factories for build_optimizer (cfg.optimizer = "slbi" / "slbi_adam") ------------------------
+
+@register_optimizer("slbi")
+def _slbi_factory(model: nn.Module, cfg) -> SLBI:
+    groups = slbi_param_groups(model, lam=cfg.slbi_lambda, fc_lam=cfg.slbi_fc_lambda)
+    return SLBI(groups, lr=cfg.lr, kappa=cfg.slbi_kappa, mu=cfg.slbi_mu, lam=cfg.slbi_lambda,
+                momentum=cfg.momentum, weight_decay=cfg.weight_decay, compiled=cfg.compile)
+
+
+@register_optimizer("slbi_adam")
+def _slbi_adam_factory(model: nn.Module, cfg) -> SLBIAdam:
+    groups = slbi_param_groups(model, lam=cfg.slbi_lambda, fc_lam=cfg.slbi_fc_lambda)
+    return SLBIAdam(groups, lr=cfg.lr, kappa=cfg.slbi_kappa, mu=cfg.slbi_mu, lam=cfg.slbi_lambda,
+                    betas=tuple(cfg.betas), eps=1e-8 if cfg.eps is None else cfg.eps,
+                    weight_decay=cfg.weight_decay)
+
+
+# -- cost of one step against SGD (the `bench optimizer` figure) ---------------------------------
+
+def slbi_step_ratio(model_name: str = "resnet18", device: str = "cpu", repeats: int = 20,
+                    momentum: float = 0.9, weight_decay: float = 5e-4, model: nn.Module | None = None,
+                    compiled: bool = False) -> dict:
+    """Median time of one SLBI step over one SGD(foreach) step with the same momentum and weight
+    decay on the same model and gradients. Steps are interleaved so that load on a shared
+    machine hits both alike. ``compiled``: time the torch.compile'd step (compiled during the
+    warm-up, not timed). Returns {"sgd_ms", "slbi_ms", "ratio", ...}."""
+    if model is None:
+        from cifarlab.models import build_model
+
+        model = build_model(model_name)
+    dev = torch.device(device)
+    model = model.to(dev)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(dev)
+    params = [p for p in model.parameters()]
+    sgd = torch.optim.SGD(params, lr=0.01, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    slbi = SLBI(slbi_param_groups(model), lr=0.01, momentum=momentum, weight_decay=weight_decay,
+                compiled=compiled)
+
+    def timed(opt) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # warm-up: momentum buffers allocated, caches hot
+        timed(sgd)
+        timed(slbi)
+    t_sgd, t_slbi = [], []
+    for _ in range(repeats):
+        t_sgd.append(timed(sgd))
+        t_slbi.append(timed(slbi))
+    sgd_ms, slbi_ms = 1e3 * statistics.median(t_sgd), 1e3 * statistics.median(t_slbi)
+    return {"model": model_name, "device": str(dev), "params": sum(p.numel() for p in params),
+            "repeats": repeats, "momentum": momentum, "weight_decay": weight_decay,
+            "compiled": compiled, "threads": torch.get_num_threads(), "sgd_ms": sgd_ms, "slbi_ms": slbi_ms,
+            "ratio": slbi_ms / sgd_ms}

@@ -1,0 +1,109 @@
+"""The BatchNorm study (course project part 2; Santurkar et al. 2018) in the report.
+
+Study runs are the run directories written by ``python -m cifarlab bn`` (summary.json with
+"study": "bn"; grid/bn.txt puts them in log/bn/). For each: the landscape figure (min-max band
+of the training loss over the learning rates, with and without BN), the three probe figures,
+a table of the numbers, and one sentence per question: is BN's band narrower, its beta
+smaller, its gradient more predictive. Figures are redrawn from the CSVs, so the section is
+the same whenever it is rebuilt from the same runs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cifarlab.report.build import DASH, find_runs, fmt_duration
+from cifarlab.report.registry import register_section
+
+
+def _is_study(run) -> bool:
+    return run.summary.get("study") == "bn" or (run.path / "study.yaml").is_file()
+
+
+def _num(v, digits: int = 4) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return DASH
+    return f"{v:.{digits}g}"
+
+
+def _table(models: list[str], land: dict, probe: dict, overhead: dict) -> str:
+    head = ("| model | BN | band width mean | band width median | diverged rates | beta median | "
+            "beta mean | max grad diff (mean) | loss spread along -g | probe overhead |")
+    lines = [head, "|" + "---|" * 10]
+    for m in models:
+        a, p = land.get(m, {}), probe.get(m, {})
+        div = ", ".join(f"{lr:g} (step {s})" for lr, s in a.get("diverged", [])) or "none"
+        ov = overhead.get(m)
+        lines.append(f"| {m} | {'yes' if '_bn' in m else 'no'} | {_num(a.get('band_width_mean'))} | "
+                     f"{_num(a.get('band_width_median'))} | {div if a else DASH} | {_num(p.get('beta_median'))} | "
+                     f"{_num(p.get('beta_mean'))} | {_num(p.get('grad_diff_max_mean'))} | "
+                     f"{_num(p.get('loss_spread_mean'))} | {_num(ov, 3) + '%' if _num(ov) != DASH else DASH} |")
+    return "\n".join(lines)
+
+
+def _one_study(run, img_dir: Path) -> str:
+    from cifarlab.analysis import bn_figures as F
+
+    s = run.summary
+    slug = run.name if run.group == "bn" else f"{run.group}_{run.name}".replace("/", "_")
+    models = list(s.get("models") or [])
+    out = [f"### {run.group}/{run.name}"]
+    if not s.get("finished"):
+        out.append("_Unfinished study: the numbers below cover what has been written so far._")
+    setup = (f"Dataset **{s.get('dataset', DASH)}**, {s.get('train_images') or s.get('train_subset') or DASH} "
+             f"training images, {s.get('epochs', DASH)} epoch(s), batch {s.get('batch_size', DASH)}, Adam, "
+             f"learning rates {', '.join(f'{v:g}' for v in s.get('lrs', []))}, seed {s.get('seed', DASH)}; "
+             f"probes at lr {_num(s.get('probe_lr'))} every {s.get('probe_interval', DASH)} steps with "
+             f"eta in {{{', '.join(f'{v:g}' for v in s.get('probe_etas', []))}}}. "
+             f"Hardware: {s.get('hardware', DASH)}; wall time {fmt_duration(s.get('wall_time_s'))}.")
+    out.append(setup)
+    if s.get("command"):
+        out.append(f"Command:\n\n```\n{s['command']}\n```")
+    loaded = F.load_landscape(run.path)
+    land, probe = {}, {}
+    if loaded is not None:
+        band, runs = loaded
+        name = f"bn_{slug}_landscape.png"
+        F.plot_landscape(band, runs, img_dir / name, smooth=int((s.get("smooth") or 1)))
+        out.append(f"![loss landscape](img/{name})")
+        land = F.landscape_stats(band, runs)
+        models = models or sorted(land)
+    probes = F.load_probes({m: run.path / "probes" / m for m in models})
+    if len(probes):
+        for q in ("loss", "grad_diff", "beta"):
+            name = f"bn_{slug}_probe_{q}.png"
+            F.plot_probe(probes, q, img_dir / name)
+            out.append(f"![{q}](img/{name})")
+        probe = F.probe_stats(probes)
+    if not land and not probe:
+        out.append("_No landscape or probe files yet._")
+        return "\n\n".join(out)
+    out.append(_table(models, land, probe, s.get("probe_overhead_pct") or {}))
+    out.append("Band width: mean over the steps (with at least two rates still finite) of the max minus the "
+               "min training loss over the rates; a rate that diverged leaves the band from its divergence "
+               "step on. beta: max over eta of ||grad L(w) - grad L(w - eta g)|| / ||eta g||, per probed step.")
+    lines = F.comparison_lines(land, probe)
+    if lines:
+        out.append("\n".join(f"- {line}" for line in lines))
+    sp = s.get("speedup")
+    if isinstance(sp, dict) and sp.get("speedup"):
+        out.append(f"Concurrent training (vmap over the {sp['models']} rates' stacked parameters) against one "
+                   f"rate after another, {sp['steps']} steps of {sp.get('model', DASH)} on {sp.get('device', DASH)}: "
+                   f"{sp['sequential_s']:.2f}s sequential vs {sp['concurrent_s']:.2f}s concurrent, "
+                   f"speed-up x{sp['speedup']:.2f}.")
+    return "\n\n".join(out)
+
+
+@register_section("BatchNorm study", order=30)
+def bn_section(log_root: Path, img_dir: Path) -> str | None:
+    studies = [r for r in find_runs(log_root) if _is_study(r)]
+    if not studies:
+        return None
+    img_dir = Path(img_dir)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    intro = ("VGG-A with and without BatchNorm (course project part 2). Loss landscape: one model per "
+             "learning rate, the training loss at every step, the band between the min and max over the "
+             "rates. Probes (Santurkar et al. 2018) every K steps on the current batch, moving along the "
+             "mini-batch gradient g: the loss L(w - eta g), gradient predictiveness "
+             "||grad L(w) - grad L(w - eta g)|| and the effective beta-smoothness.")
+    return "\n\n".join([intro] + [_one_study(r, img_dir) for r in studies])

@@ -1,0 +1,408 @@
+"""Structural dropout (issue 7): the four levels, conv_block, the networks, variance shift."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cifarlab.config import make_config
+from cifarlab.dropout import (DropChannel, DropLayer, DropNeuron, DropPath, TrackedNorm, conv_block,
+                              parse_drop_type, track_norms_after_dropout, tracked_norms)
+from cifarlab.dropout.variance_shift import VarianceShift, callbacks_from_config, columns
+from cifarlab.errors import ConfigError
+from cifarlab.models import build_model
+from cifarlab.models.dropout_nets import model_from_config
+from cifarlab.utils import count_params
+
+P = 0.3
+SCALE = 1.0 / (1.0 - P)
+
+
+# ---------------------------------------------------------------- the four levels, statistically
+
+def _units(level: str, mode: str, out: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rearrange outputs (calls, N, C, H, W) so that each row is what one Bernoulli draw covers."""
+    calls, n, c = out.shape[:3]
+    if level == "neuron":
+        return out.reshape(-1, 1)
+    if level == "channel":
+        return out.reshape(calls * n * c, -1)
+    if level == "path":
+        out = out.reshape(calls, n, groups, -1)
+        if mode == "row":
+            return out.reshape(calls * n * groups, -1)
+        return out.transpose(1, 2).reshape(calls * groups, -1)  # one draw covers every sample
+    if mode == "row":  # layer
+        return out.reshape(calls * n, -1)
+    return out.reshape(calls, -1)
+
+
+CASES = [  # (level, mode, module, calls, x shape)
+    ("neuron", "row", DropNeuron(P), 1, (64, 8, 8, 8)),
+    ("channel", "row", DropChannel(P), 4, (256, 8, 2, 2)),
+    ("path", "row", DropPath(P, "row", groups=4), 4, (512, 8, 2, 2)),
+    ("path", "batch", DropPath(P, "batch", groups=4), 1500, (4, 8, 1, 1)),
+    ("layer", "row", DropLayer(P, "row"), 4, (1024, 2, 2, 2)),
+    ("layer", "batch", DropLayer(P, "batch"), 4000, (4, 2, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("level,mode,module,calls,shape", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_level_drops_whole_units_at_rate_p_and_keeps_the_expectation(level, mode, module, calls, shape):
+    torch.manual_seed(0)
+    module.train()
+    x = torch.ones(shape)
+    out = torch.stack([module(x) for _ in range(calls)])
+    units = _units(level, mode, out, groups=4)
+    # mask structure: every unit is dropped or kept as a whole, kept values scaled by 1/(1-p)
+    assert torch.equal(units.amin(1), units.amax(1)), "a unit was partly dropped"
+    first = units[:, 0]
+    assert bool(((first == 0) | torch.isclose(first, torch.tensor(SCALE))).all())
+    # fraction dropped ~ p: binomial std over the number of independent draws
+    draws = units.shape[0]
+    frac = (first == 0).float().mean().item()
+    assert abs(frac - P) < 5 * math.sqrt(P * (1 - P) / draws), (frac, draws)
+    # expectation preserved: E[out] = x = 1; std of the mean of `draws` scaled Bernoullis
+    assert abs(out.mean().item() - 1.0) < 5 * math.sqrt(P / ((1 - P) * draws))
+
+
+@pytest.mark.parametrize("module", [DropChannel(P), DropPath(P, "row", groups=2), DropLayer(P, "row")],
+                         ids=["channel", "path", "layer"])
+def test_row_modes_draw_per_sample(module):
+    torch.manual_seed(1)
+    out = module.train()(torch.ones(64, 4, 2, 2))
+    masks = out.reshape(64, -1)
+    assert not torch.equal(masks, masks[:1].expand_as(masks)), "all samples got the same mask"
+
+
+def test_masks_are_not_coarser_than_their_level():
+    torch.manual_seed(6)
+    x = torch.ones(32, 8, 3, 3)
+    neuron = DropNeuron(P).train()(x).flatten(2)       # elements of one feature map differ
+    assert bool((neuron.amin(2) != neuron.amax(2)).any())
+    channel = DropChannel(P).train()(x).flatten(1)     # channels of one sample differ
+    assert bool((channel.amin(1) != channel.amax(1)).any())
+
+
+@pytest.mark.parametrize("module", [DropPath(P, "batch", groups=2), DropLayer(P, "batch")], ids=["path", "layer"])
+def test_batch_mode_shares_one_draw_across_the_mini_batch(module):
+    torch.manual_seed(2)
+    module.train()
+    for _ in range(20):
+        masks = module(torch.ones(16, 4, 2, 2)).reshape(16, -1)
+        assert torch.equal(masks, masks[:1].expand_as(masks))
+
+
+def test_drop_path_masks_consecutive_channel_groups():
+    # 6 channels in 3 paths: channels (0,1), (2,3), (4,5) share one draw per sample
+    torch.manual_seed(3)
+    out = DropPath(0.5, "row", groups=3).train()(torch.ones(200, 6, 1, 1))[..., 0, 0]
+    pairs = out.reshape(200, 3, 2)
+    assert torch.equal(pairs[..., 0], pairs[..., 1])
+    assert not torch.equal(out[:, 0], out[:, 2])  # different paths draw independently
+
+
+ALL = [DropNeuron(P), DropChannel(P), DropPath(P, "row", groups=2), DropPath(P, "batch", groups=2),
+       DropLayer(P, "row"), DropLayer(P, "batch")]
+IDS = ["neuron", "channel", "path-row", "path-batch", "layer-row", "layer-batch"]
+
+
+@pytest.mark.parametrize("module", ALL, ids=IDS)
+def test_eval_mode_and_rate_zero_are_the_identity(module):
+    x = torch.randn(8, 4, 3, 3)
+    assert torch.equal(module.eval()(x), x)
+    zero = type(module)(0.0) if not isinstance(module, (DropPath, DropLayer)) else type(module)(0.0, module.mode)
+    assert torch.equal(zero.train()(x), x)
+
+
+@pytest.mark.parametrize("module", ALL, ids=IDS)
+def test_gradient_flows_only_through_kept_units(module):
+    torch.manual_seed(4)
+    seen_kept = seen_dropped = False
+    for _ in range(10):  # batch mode keeps or drops a whole call: look at several
+        x = torch.ones(32, 4, 2, 2, requires_grad=True)
+        out = module.train()(x)
+        out.sum().backward()
+        # d out / d x = mask / (1-p): zero where dropped, 1/(1-p) where kept
+        assert torch.equal(x.grad, out.detach())
+        kept = out.detach() != 0
+        assert torch.allclose(x.grad[kept], torch.tensor(SCALE))
+        seen_kept |= bool(kept.any())
+        seen_dropped |= bool((~kept).any())
+    assert seen_kept and seen_dropped
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan"), "0.1", True])
+def test_bad_rate_is_a_config_error(bad):
+    for cls in (DropNeuron, DropChannel, DropPath, DropLayer):
+        with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+            cls(bad)
+
+
+def test_bad_mode_groups_and_names_are_config_errors():
+    with pytest.raises(ConfigError, match="row"):
+        DropLayer(0.1, mode="sample")
+    with pytest.raises(ConfigError, match="groups"):
+        DropPath(0.1, groups=0)
+    with pytest.raises(ConfigError, match="drop_type"):
+        parse_drop_type("block")
+    with pytest.raises(ConfigError, match="drop rate"):
+        build_model("preresnet_drop", depth=11, drop_type="neuron", drop_rate=1.0)
+    for kwargs in (dict(drop_type="neuron", drop_rate=1.0), dict(drop_type="spatial"),
+                   dict(drop_rate=0.1), dict(report_ratio=True)):
+        with pytest.raises(ConfigError):
+            make_config(**kwargs)
+
+
+def test_drop_type_names_and_the_original_codes():
+    assert [parse_drop_type(v) for v in (0, 1, 2, 3)] == ["neuron", "channel", "path", "layer"]
+    assert [parse_drop_type(v) for v in ("1", "Channel", "none", None)] == ["channel", "channel", None, None]
+    assert make_config(drop_type="2", drop_rate=0.1).drop_type == "2"
+
+
+# ---------------------------------------------------------------- conv_block
+
+@pytest.mark.parametrize("block_type,order,norm_ch", [
+    (0, ["norm", "relu", "drop", "conv"], 4),
+    (1, ["norm", "relu", "conv", "drop"], 4),
+    (2, ["drop", "conv", "norm", "relu"], 8),
+    (3, ["conv", "drop", "norm", "relu"], 8),
+])
+def test_conv_block_orders(block_type, order, norm_ch):
+    block = conv_block(4, 8, 3, 1, block_type, "channel", 0.1, "bn")
+    assert [name for name, _ in block.named_children()] == order
+    assert block.norm.num_features == norm_ch  # pre-activation types normalise the input
+    assert block(torch.randn(2, 4, 5, 5)).shape == (2, 8, 5, 5)
+    assert [n for n, _ in conv_block(4, 8, block_type=block_type).named_children()] == \
+        [n for n in order if n != "drop"]
+
+
+def test_conv_block_group_norm_drop_path_groups_and_errors():
+    block = conv_block(16, 16, 3, 2, 0, "path", 0.2, "gn", groups=4, drop_mode="batch")
+    assert isinstance(block.norm, nn.GroupNorm) and block.norm.num_groups == 8
+    assert block.drop.groups == 4 and block.drop.mode == "batch"
+    assert block.conv.groups == 4 and block(torch.randn(2, 16, 6, 6)).shape == (2, 16, 3, 3)
+    assert conv_block(12, 12, norm="gn").norm.num_groups == 4  # 12 channels do not split into 8
+    with pytest.raises(ConfigError, match="residual function"):
+        conv_block(4, 4, drop_type="layer", drop_rate=0.1)
+    with pytest.raises(ConfigError, match="groups"):
+        conv_block(6, 8, groups=4)
+    with pytest.raises(ConfigError, match="block_type"):
+        conv_block(4, 4, block_type=4)
+    with pytest.raises(ConfigError, match="norm"):
+        conv_block(4, 4, norm="ln")
+
+
+# ---------------------------------------------------------------- networks
+
+def tiny(name: str, **kw) -> nn.Module:
+    sizes = {"preresnet_drop": dict(depth=11, base_width=4), "wrn_drop": dict(depth=10, arg1=1, base_width=4),
+             "densenet_drop": dict(depth=10, arg1=4),
+             "resnext_drop": dict(depth=11, arg1=2, base_width=2, widen_factor=1)}
+    return build_model(name, **{**sizes[name], **kw})
+
+
+def _train_step(model: nn.Module, in_channels: int = 3, size: int = 12) -> float:
+    torch.manual_seed(0)
+    x, y = torch.randn(4, in_channels, size, size), torch.tensor([0, 1, 2, 3])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert math.isfinite(loss.item())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.eval()
+    assert model(x).shape == (4, 10)
+    return loss.item()
+
+
+@pytest.mark.parametrize("block_type", [0, 1, 2, 3])
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_every_block_type_and_norm_trains_a_step(block_type, norm):
+    _train_step(tiny("preresnet_drop", block_type=block_type, norm=norm, drop_type="channel",
+                     drop_rate=0.2, report_ratio=True))
+
+
+@pytest.mark.parametrize("name", ["preresnet_drop", "wrn_drop", "densenet_drop", "resnext_drop"])
+@pytest.mark.parametrize("drop_type", ["neuron", "channel", "path", "layer"])
+def test_every_network_and_level_trains_a_step(name, drop_type):
+    mode = "batch" if drop_type == "layer" else "row"
+    _train_step(tiny(name, drop_type=drop_type, drop_rate=0.3, drop_mode=mode, in_channels=1), in_channels=1)
+
+
+def test_parameter_counts():
+    # hand count, preresnet depth 11 (one bottleneck per stage, widths 16/32/64, expansion 4):
+    # stem 3*16*9=432; stage 1: bn 32+32+32, convs 256+2304+1024, shortcut 1024 -> 4704;
+    # stage 2: bn 128+64+64, convs 2048+9216+4096, shortcut 8192 -> 23808;
+    # stage 3: bn 256+128+128, convs 8192+36864+16384, shortcut 32768 -> 94720; head bn 512, fc 2570
+    assert count_params(build_model("preresnet_drop", depth=11)) == 126746
+    # published sizes: WRN-28-10 36.5M (Zagoruyko & Komodakis), DenseNet-BC-100 k=12 0.8M
+    assert count_params(build_model("wrn_drop", depth=28, arg1=10)) == 36479194
+    assert count_params(build_model("densenet_drop", depth=100, arg1=12)) == 769162
+    with pytest.raises(ConfigError, match=r"9n\+2"):
+        build_model("preresnet_drop", depth=12)
+    with pytest.raises(ConfigError, match=r"6n\+4"):
+        build_model("wrn_drop", depth=12)
+    with pytest.raises(ConfigError, match="cardinality"):
+        build_model("resnext_drop", depth=11, arg1=2.5)
+
+
+def test_resnext_paths_are_its_groups_and_drop_layer_leaves_the_shortcut():
+    net = tiny("resnext_drop", drop_type="path", drop_rate=0.2)
+    paths = [m for m in net.modules() if isinstance(m, DropPath)]
+    assert len(paths) == 3 and all(m.groups == 2 for m in paths)
+    # drop-layer: a dropped sample's block output is exactly its shortcut
+    torch.manual_seed(5)
+    block = tiny("preresnet_drop", drop_type="layer", drop_rate=0.5).stages[0].train()
+    x = torch.randn(64, 4, 6, 6)
+    out, short = block(x), block.shortcut(x)
+    dropped = (out == short).flatten(1).all(1)
+    assert 10 < int(dropped.sum()) < 54
+    assert not bool((out[~dropped] == short[~dropped]).flatten(1).all(1).any())
+
+
+def test_model_from_config():
+    assert model_from_config(make_config(), 10, 3) is None
+    cfg = make_config(net_type="resnet", depth=11, arg1=0.25, drop_type="1", drop_rate=0.1, block_type=2,
+                      norm="gn", model_kwargs={"base_width": 8})
+    net = model_from_config(cfg, num_classes=7, in_channels=1)
+    assert net.fc.out_features == 7 and net.stem.in_channels == 1 and net.stem.out_channels == 8
+    assert sum(isinstance(m, DropChannel) for m in net.modules()) == 3
+    assert isinstance(net.head_norm, nn.GroupNorm)
+    via_model = model_from_config(make_config(model="wrn_drop", depth=10, arg1=1, drop_type="layer",
+                                              drop_rate=0.1, model_kwargs={"drop_mode": "batch"}), 10, 3)
+    assert {m.mode for m in via_model.modules() if isinstance(m, DropLayer)} == {"batch"}
+    with pytest.raises(ConfigError, match="net_type"):
+        model_from_config(make_config(net_type="vgg"), 10, 3)
+    with pytest.raises(ConfigError, match="contradicts"):
+        model_from_config(make_config(net_type="wrn", model="densenet_drop"), 10, 3)
+
+
+# ---------------------------------------------------------------- variance shift
+
+def test_tracked_norm_hand_computed_ratios():
+    tn = TrackedNorm(nn.BatchNorm2d(1))
+    tn.train()(torch.tensor([0.0, 4.0]).view(2, 1, 1, 1))   # mean 2, var 4
+    tn.eval()(torch.tensor([1.0, 3.0]).view(2, 1, 1, 1))    # mean 2, var 1
+    assert tn.ratios() == (1.0, 0.25)
+    tn.eval()(torch.tensor([5.0, 5.0, 5.0, 5.0]).view(4, 1, 1, 1))  # mean 5, var 0; weighted by batch size:
+    assert tn.ratios() == pytest.approx(((2 * 2 + 4 * 5) / 6 / 2, (2 * 1 + 4 * 0) / 6 / 4))  # (2, 1/12)
+    tn.reset()
+    assert all(math.isnan(r) for r in tn.ratios())
+    # the output is the wrapped norm's, and the statistics are not saved with the model
+    x = torch.randn(4, 1, 3, 3)
+    assert torch.equal(tn.eval()(x), tn.norm(x))
+    assert set(tn.state_dict()) == {"norm." + k for k in nn.BatchNorm2d(1).state_dict()}
+
+
+@pytest.mark.parametrize("block_type,where", [(0, "stages.0.body.2.norm"), (2, "stages.0.body.1.norm")])
+def test_tracking_wraps_the_norm_after_each_dropout(block_type, where):
+    net = tiny("preresnet_drop", depth=20, block_type=block_type, drop_type="neuron", report_ratio=True)
+    names = [n for n, m in net.named_modules() if isinstance(m, TrackedNorm)]
+    assert len(names) == 6 and names[0] == where
+    # drop-layer: the norm after block i's dropped residual is block i+1's first norm, then the head's
+    net = tiny("preresnet_drop", drop_type="layer", report_ratio=True)
+    assert [n for n, m in net.named_modules() if isinstance(m, TrackedNorm)] == \
+        ["stages.1.body.0.norm", "stages.2.body.0.norm", "head_norm"]
+    with pytest.raises(ConfigError, match="already tracked"):
+        track_norms_after_dropout(net)
+    with pytest.raises(ConfigError, match="drop_type"):
+        tiny("preresnet_drop", report_ratio=True)
+
+
+def test_variance_shift_ratio_is_exactly_one_at_rate_zero():
+    x = torch.randn(8, 4, 6, 6)
+    block = conv_block(4, 8, 3, 1, 2, "neuron", 0.0, "bn")
+    track_norms_after_dropout(block)
+    block.train()(x)
+    block.eval()(x)
+    assert block.norm.ratios() == (1.0, 1.0)
+    # a whole network with GroupNorm (same computation in train and eval), every tracked layer
+    net = tiny("preresnet_drop", depth=20, norm="gn", drop_type="channel", drop_rate=0.0, report_ratio=True)
+    net.train()(x[:, :3])
+    net.eval()(x[:, :3])
+    assert all(layer.ratios() == pytest.approx((1.0, 1.0), rel=1e-5) for layer in tracked_norms(net))
+
+
+def test_variance_shift_callback_logs_first_middle_last():
+    x = torch.randn(16, 3, 8, 8)
+    for rate in (0.0, 0.5):
+        torch.manual_seed(0)
+        net = tiny("preresnet_drop", depth=20, norm="gn", drop_type="neuron", drop_rate=rate, report_ratio=True)
+        trainer = SimpleNamespace(model=net)
+        cb = VarianceShift()
+        cb.on_fit_start(trainer)
+        cb.on_epoch_start(trainer, 1)
+        with torch.no_grad():
+            net.train()(x)
+            net.eval()(x)
+        row = {"epoch": 1}
+        cb.on_epoch_end(trainer, 1, row)
+        assert set(columns()) <= set(row)
+        if rate == 0.0:
+            assert all(row[k] == pytest.approx(1.0, rel=1e-5) for k in columns())
+        else:  # dropout inflates the training-time variance: eval/train < 1
+            assert row["ratio_var_first"] < 0.9
+        summary = {}
+        cb.on_fit_end(trainer, summary)
+        assert summary["ratio_var_last"] == row["ratio_var_last"]
+    with pytest.raises(ConfigError, match="tracked"):
+        VarianceShift().on_fit_start(SimpleNamespace(model=tiny("preresnet_drop")))
+
+
+def test_callback_plugin_registration():
+    assert callbacks_from_config(make_config()) == []
+    cbs = callbacks_from_config(make_config(net_type="wrn", drop_type="neuron", report_ratio=True))
+    assert len(cbs) == 1 and isinstance(cbs[0], VarianceShift)
+    from cifarlab.train.plugins import PLUGINS
+    assert "cifarlab.dropout.variance_shift" in PLUGINS
+
+
+# ---------------------------------------------------------------- through the Trainer and the CLI
+
+def test_train_command_with_dropout_network_and_variance_shift(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from cifarlab.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "dropout", "--model", "preresnet_drop", "--net-type", "preresnet",
+            "--depth", "11", "--arg1", "0.25", "--block-type", "2", "--drop-type", "1", "--drop-rate", "0.2",
+            "--report-ratio", "--dataset", "synthetic:1x8x8", "--train-subset", "128", "--test-subset", "64",
+            "--batch-size", "32", "--epochs", "4", "--device", "cpu", "--progress", "off",
+            "--run-dir", str(run)]
+    assert main(args) == 0
+    metrics = pd.read_csv(run / "metrics.csv")
+    # the dropout recipe: x0.1 at 50% and 75% of the epochs
+    assert metrics["lr"].tolist() == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert set(columns()) <= set(metrics.columns)
+    assert metrics[columns()].notna().all().all() and (metrics[columns()] > 0).all().all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "preresnet_drop" and summary["finished"] is True
+    assert summary["ratio_var_last"] == pytest.approx(metrics["ratio_var_last"].iloc[-1])
+    # killed after epoch 2 and resumed: the same run, dropout draws and ratios included
+    from cifarlab.cli import build_parser, config_from_args
+    from cifarlab.train import Callback, Trainer
+
+    class Kill(Callback):
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 3:
+                raise RuntimeError("killed")
+
+    resumed = tmp_path / "resumed"
+    cfg = config_from_args(build_parser().parse_args(args[:-1] + [str(resumed)]))
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(cfg, callbacks=[Kill()]).fit()
+    assert main(args[:-1] + [str(resumed), "--resume"]) == 0
+    again = pd.read_csv(resumed / "metrics.csv")
+    same = ["lr", "train_loss", "train_acc", "val_loss", "val_acc"] + columns()
+    pd.testing.assert_frame_equal(again[same], metrics[same])
+    assert main(["train", "--net-type", "preresnet", "--drop-type", "spatial", "--drop-rate", "0.1",
+                 "--run-dir", str(tmp_path / "bad")]) == 2

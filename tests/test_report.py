@@ -1,0 +1,191 @@
+"""The report: run directories -> tables, sections and figures; deterministic; clear errors."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError
+from cifarlab.report import build
+from cifarlab.report.build import build_report, find_runs, fmt_count, fmt_duration
+from cifarlab.report.curves import plot_run_curves, read_metrics
+from cifarlab.report.section_modifications import families
+
+
+def make_run(path: Path, model="resnet18", epochs=4, done=4, finished=True, diverged=False,
+             params=11173962, flops=1112000000, test_error=4.89, val_accs=None, wall=123.0, **cfg):
+    """A run directory in the Trainer's format (DESIGN.md), written by hand."""
+    path.mkdir(parents=True)
+    config = {"model": model, "dataset": "fashion", "epochs": epochs, "activation": None,
+              "loss": "ce", "optimizer": "sgd", "lr": 0.1, **cfg}
+    (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    val_accs = val_accs or [0.5 + 0.1 * i for i in range(done)]
+    lines = ["epoch,lr,train_loss,train_acc,val_loss,val_acc,epoch_time_s,images_per_s"]
+    for i in range(done):
+        lines.append(f"{i + 1},0.1,{2.0 / (i + 1):.6g},{0.4 + 0.1 * i:.6g},{1.9 / (i + 1):.6g},{val_accs[i]:.6g},10,500")
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    (path / "log.txt").write_text(f"# {model}\n")
+    if finished:
+        best = max(range(done), key=lambda i: val_accs[i]) + 1
+        summary = {"model": model, "dataset": "fashion", "params": params, "flops": flops,
+                   "epochs": epochs, "epochs_completed": done, "best_epoch": best,
+                   "best_val_acc": val_accs[best - 1], "test_acc": 1 - test_error / 100,
+                   "test_error": test_error, "wall_time_s": wall, "diverged": diverged,
+                   "finished": True, "device": "cpu", "train_images": 5000}
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture()
+def logs(tmp_path):
+    root = tmp_path / "log"
+    make_run(root / "all-200ep" / "resnet18", val_accs=[0.5, 0.8, 0.7, 0.6])
+    make_run(root / "all-200ep" / "dla", model="dla", params=16291386, test_error=5.02, wall=3725.0)
+    make_run(root / "all-200ep" / "dpn26", model="dpn26", epochs=50, done=3, finished=False)
+    make_run(root / "all-200ep" / "wrn28_10", model="wrn28_10", done=2, diverged=True, test_error=90.0)
+    (root / "all-200ep" / "resnet18" / "checkpoints").mkdir()  # a run's sub-folders are not runs
+    (root / "all-200ep" / "resnet18" / "checkpoints" / "config.yaml").write_text("model: x\n")
+    return root
+
+
+def table_row(readme: str, run: str) -> list[str]:
+    line = next(l for l in readme.splitlines() if l.startswith(f"| {run} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def header(readme: str) -> list[str]:
+    line = next(l for l in readme.splitlines() if l.startswith("| run |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_formats_are_fixed():
+    assert fmt_count(11173962) == "11.17M"
+    assert fmt_count(285162) == "0.29M"
+    assert fmt_count(5322) == "5.3K"
+    assert fmt_count(1112000000) == "1.11G"
+    assert fmt_count(None) == "—"
+    assert fmt_duration(12.34) == "12.3s"
+    assert fmt_duration(125) == "2m05s"
+    assert fmt_duration(3725) == "1h02m"
+
+
+def test_find_runs_groups_and_skips_sub_folders(logs):
+    runs = find_runs(logs)
+    assert [(r.group, r.name) for r in runs] == [("all-200ep", "dla"), ("all-200ep", "dpn26"),
+                                                 ("all-200ep", "resnet18"), ("all-200ep", "wrn28_10")]
+
+
+def test_table_numbers_markers_and_links(logs, tmp_path):
+    out = tmp_path / "report"
+    readme = build_report(logs, out).read_text()
+    cols = header(readme)
+    row = dict(zip(cols, table_row(readme, "resnet18")))
+    assert row["architecture"] == "resnet18"
+    assert row["#params"] == "11.17M"
+    assert row["FLOPs"] == "1.11G"
+    assert row["error (%)"] == "4.89"
+    assert row["best epoch"] == "2"  # val acc 0.8 at epoch 2
+    assert row["best val acc (%)"] == "80.00"
+    assert row["epochs"] == "4/4"
+    assert row["wall time"] == "2m03s"
+    assert row["status"] == "finished"
+    # links are relative to README.md and point at copies that exist
+    for cell in (row["log"], row["curves"]):
+        target = re.fullmatch(r"\[\w+\]\((.+)\)", cell).group(1)
+        assert not target.startswith("/") and (out / target).is_file()
+    assert (out / "runs/all-200ep/resnet18/log.txt").read_text() == "# resnet18\n"
+
+    dla = dict(zip(cols, table_row(readme, "dla")))
+    assert dla["#params"] == "16.29M" and dla["error (%)"] == "5.02" and dla["wall time"] == "1h02m"
+
+    unfinished = dict(zip(cols, table_row(readme, "dpn26")))
+    assert unfinished["status"] == "unfinished (3/50 ep)"
+    assert unfinished["epochs"] == "3/50"
+    assert unfinished["error (%)"] == "—" and unfinished["#params"] == "—"
+    assert unfinished["best epoch"] == "3"  # from metrics.csv: val acc rises every epoch
+    assert unfinished["wall time"] == "30.0s"  # summed epoch times
+
+    diverged = dict(zip(cols, table_row(readme, "wrn28_10")))
+    assert diverged["status"].startswith("**diverged**")
+    assert "dataset: fashion" in readme and "device: cpu" in readme
+    assert "(img/runs-all-200ep.png)" in readme and (out / "img/runs-all-200ep.png").is_file()
+
+
+def test_build_is_deterministic(logs, tmp_path):
+    out = tmp_path / "report"
+    first = build_report(logs, out).read_bytes()
+    images = {p.name: p.read_bytes() for p in (out / "img").glob("*.png")}
+    second = build_report(logs, out).read_bytes()
+    assert first == second
+    assert images and images == {p.name: p.read_bytes() for p in (out / "img").glob("*.png")}
+
+
+def test_removed_run_disappears_from_copies(logs, tmp_path):
+    out = tmp_path / "report"
+    build_report(logs, out)
+    assert (out / "runs/all-200ep/dla").is_dir()
+    import shutil
+
+    shutil.rmtree(logs / "all-200ep" / "dla")
+    readme = build_report(logs, out).read_text()
+    assert "| dla |" not in readme and not (out / "runs/all-200ep/dla").exists()
+
+
+def test_no_runs_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "empty" / "group").mkdir(parents=True)
+    with pytest.raises(CifarlabError, match="no run directories under"):
+        build_report(tmp_path / "empty", tmp_path / "out")
+    assert main(["report", "--log", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no run directories under")
+
+
+def test_report_cli_writes_readme(logs, tmp_path, capsys):
+    assert main(["report", "--log", str(logs), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "README.md").is_file()
+
+
+def test_curves_plot_is_byte_stable(logs):
+    run = logs / "all-200ep" / "resnet18"
+    a = plot_run_curves(run).read_bytes()
+    b = plot_run_curves(run).read_bytes()
+    assert a == b and a[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_run_curves(logs / "nowhere") is None
+    m = read_metrics(run / "metrics.csv")
+    assert m["val_acc"] == [0.5, 0.8, 0.7, 0.6]
+
+
+def test_modification_families_and_section(tmp_path):
+    root = tmp_path / "log"
+    g = root / "modification-50ep"
+    make_run(g / "baseline")
+    make_run(g / "act-gelu", activation="gelu")
+    make_run(g / "loss-mse", loss="mse")
+    make_run(g / "opt-adam", optimizer="adam", lr=0.001)
+    make_run(g / "odd", activation="elu", optimizer="adam")  # changes two settings: no family
+    runs = find_runs(root)
+    fam = families(runs)
+    assert [(label, r.name) for label, r in fam["activation"]] == [("relu", "baseline"), ("gelu", "act-gelu")]
+    assert [(label, r.name) for label, r in fam["loss"]] == [("ce", "baseline"), ("mse", "loss-mse")]
+    assert [(label, r.name) for label, r in fam["optimizer"]] == [("sgd (lr 0.1)", "baseline"),
+                                                                  ("adam (lr 0.001)", "opt-adam")]
+    readme = build_report(root, tmp_path / "report").read_text()
+    assert "## Modifications: activation, loss, optimizer" in readme
+    for name in ("activation", "loss", "optimizer"):
+        assert f"(img/modification-50ep-{name}.png)" in readme
+        assert (tmp_path / "report" / "img" / f"modification-50ep-{name}.png").is_file()
+    assert "not plotted): odd" in readme
+
+
+def test_report_does_not_import_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, cifarlab.report.build, cifarlab.report.section_modifications; "
+            "print(any(m.startswith('cifarlab.train') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
