@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +18,7 @@ from cifarlab.analysis import landscape as L
 from cifarlab.analysis.bn_probe_callback import BNProbeCallback, callbacks_from_config
 from cifarlab.analysis.bn_probes import gradient_at, probe_along_gradient
 from cifarlab.config import make_config
-from cifarlab.errors import CifarlabError, ConfigError
+from cifarlab.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -311,14 +310,17 @@ def test_speedup_measurement_reports_both_timings():
 
 
 # -- the command, figures and report section ----------------------------------------------------
+STUDY_ARGS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     """One small study through the CLI, on the tiny plain / BN pair and 8x8 synthetic images."""
     from cifarlab.cli import main
 
     out = tmp_path_factory.mktemp("bn") / "study"
-    args = ["bn", "--models", "bntest,bntest_bn", "--dataset", "synthetic:1x8x8:4", "--train-subset", "48",
-            "--test-subset", "16", "--batch-size", "16", "--epochs", "2", "--lrs", "1e-3,1e30",
+    STUDY_ARGS[:] = args = ["bn", "--models", "bntest,bntest_bn", "--dataset", "synthetic:1x8x8:4", "--train-subset", "48",
+            "--test-subset", "16", "--batch-size", "16", "--epochs", "2", "--lrs", "1e-3,1e-2,1e30",
             "--probe-interval", "2", "--probe-steps", "0.1,0.01", "--device", "cpu", "--progress", "off",
             "--speedup-steps", "1", "--run-dir", str(out)]
     with pytest.MonkeyPatch.context() as mp:
@@ -334,8 +336,8 @@ def test_bn_command_writes_the_study(study_dir):
                  "probe_loss.png", "probe_grad_diff.png", "probe_beta.png", "probes/bntest_bn/probes.csv"):
         assert (study_dir / name).is_file(), name
     runs = pd.read_csv(study_dir / L.RUNS_CSV)
-    assert runs.groupby("model")["diverged"].apply(list).to_dict() == {"bntest": [False, True],
-                                                                        "bntest_bn": [False, True]}
+    assert runs.groupby("model")["diverged"].apply(list).to_dict() == {"bntest": [False, False, True],
+                                                                        "bntest_bn": [False, False, True]}
     assert s["speedup"]["steps"] == 1 and s["speedup"]["speedup"] > 0
     assert set(s["probe_overhead_pct"]) == {"bntest", "bntest_bn"}
     assert s["landscape"]["bntest_bn"]["diverged"] and s["probes"]["bntest_bn"]["probes"] == 3  # steps 0, 2, 4
@@ -354,6 +356,27 @@ def test_bn_command_refuses_bad_input_and_finished_runs(study_dir, tmp_path, cap
     assert "finished" in capsys.readouterr().err
 
 
+def test_resume_keeps_finished_stages(study_dir, tmp_path):
+    """An interrupted study (no summary.json yet) resumed: finished stages are kept, not redone."""
+    import shutil
+
+    from cifarlab.cli import main
+
+    run = tmp_path / "study"
+    shutil.copytree(study_dir, run)
+    (run / "summary.json").unlink()
+    landscape = (run / L.LOSSES_CSV).read_bytes()
+    args = [a if a != str(study_dir) else str(run) for a in STUDY_ARGS]
+    assert main(args) == 2  # without --resume the folder is refused
+    with pytest.MonkeyPatch.context() as mp:
+        register_tiny_pair(mp)
+        assert main(args + ["--resume"]) == 0
+    assert (run / L.LOSSES_CSV).read_bytes() == landscape
+    log = (run / "log.txt").read_text()
+    assert "landscape: finished earlier, kept" in log and log.count("finished earlier, kept (") == 2
+    assert json.loads((run / "summary.json").read_text())["finished"] is True
+
+
 def test_report_section_states_the_comparison(study_dir, tmp_path):
     import shutil
 
@@ -364,5 +387,7 @@ def test_report_section_states_the_comparison(study_dir, tmp_path):
     shutil.copytree(study_dir, log_root / "bn" / "tiny", ignore=shutil.ignore_patterns("checkpoints"))
     md = bn_section(log_root, tmp_path / "img")
     assert "img/bn_tiny_landscape.png" in md and (tmp_path / "img" / "bn_tiny_landscape.png").is_file()
-    assert "beta" in md and "band" in md and "diverged" in md
+    for verdict in ("Loss landscape: the band of **bntest_bn** is", "narrower", "smaller", "predictive"):
+        assert verdict in md  # the three verdicts, with numbers
+    assert "1e+30 (step" in md  # the diverged rate is named in the table
     assert md == bn_section(log_root, tmp_path / "img")  # deterministic

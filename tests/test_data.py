@@ -17,9 +17,9 @@ import torch
 import cifarlab.data.sources as sources
 from cifarlab.config import make_config
 from cifarlab.data import (DeviceLoader, available_datasets, build_loaders, crop_flip, dataset_info,
-                           draw_params, fixtures, load_arrays, make_synthetic, resolve_data_root,
-                           split_train_val, subset_indices, torchvision_dataset)
-from cifarlab.data.augment import AugmentParams, apply_cutout, augment
+                           dataset_location, draw_params, fixtures, load_arrays, make_synthetic,
+                           resolve_data_root, split_train_val, subset_indices, torchvision_dataset)
+from cifarlab.data.augment import apply_cutout, augment
 from cifarlab.errors import ConfigError, DatasetError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -97,7 +97,11 @@ def test_system_location_idx_gz_files_are_used_when_the_root_is_empty(tmp_path, 
     root = tmp_path / "empty-root"
     x, y = load_arrays("fashion", root, train=True, download=False)
     assert torch.equal(x, tx) and torch.equal(y, ty)
-    assert (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # decompressed once
+    staged = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    assert staged.is_file() and staged.stat().st_mode & 0o044 == 0o044  # decompressed once, readable by all
+    assert dataset_location("fashion", root) == root / "FashionMNIST" / "raw"
+    assert dataset_location("fashion", tmp_path / "other-root") == system
+    assert dataset_location("mnist", tmp_path / "other-root") is None
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -418,6 +422,10 @@ def test_tiny_training_on_synthetic_loader_learns():
 
 
 # -- the Flowers-102 DataLoader path ---------------------------------------------------------------
+def x_range_ok(x):
+    return x.dtype == torch.float32 and -2.2 < x.min() and x.max() < 2.7  # ImageNet-normalised [0, 1]
+
+
 def test_flowers_dataloader_path(tmp_path):
     labels = fixtures.write_flowers102(tmp_path, n_per_split=(6, 4, 5))
     cfg = cfg_for(tmp_path, dataset="flowers102", batch_size=4, eval_batch_size=3, num_workers=0, cutout=8)
@@ -434,10 +442,6 @@ def test_flowers_dataloader_path(tmp_path):
     assert x_range_ok(torch.cat([x for x, _ in data.val]))
     big = build_loaders(cfg, "cpu", image_size=48)
     assert next(iter(big.test))[0].shape == (3, 3, 48, 48) and big.info.image_size == (48, 48)
-
-
-def x_range_ok(x):
-    return x.dtype == torch.float32 and -2.2 < x.min() and x.max() < 2.7  # ImageNet-normalised [0, 1]
 
 
 def test_torchvision_dataset_for_synthetic_gives_pil_images():

@@ -406,3 +406,45 @@ def test_train_command_with_dropout_network_and_variance_shift(tmp_path):
     pd.testing.assert_frame_equal(again[same], metrics[same])
     assert main(["train", "--net-type", "preresnet", "--drop-type", "spatial", "--drop-rate", "0.1",
                  "--run-dir", str(tmp_path / "bad")]) == 2
+
+
+# ---------------------------------------------------------------- the report section
+
+def _fake_run(root, name, block_type, drop_type, rate, error, ratios):
+    import json
+
+    import yaml
+
+    run = root / "dropout" / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(
+        model="preresnet_drop", net_type="preresnet", depth=11, arg1=1.0, block_type=block_type,
+        drop_type=drop_type, drop_rate=rate, norm="bn", model_kwargs={"base_width": 8}, dataset="fashion",
+        epochs=2)))
+    (run / "summary.json").write_text(json.dumps(dict(model="preresnet_drop", dataset="fashion", epochs=2,
+                                                      epochs_completed=2, test_error=error, finished=True)))
+    head = "epoch,val_acc," + ",".join(columns())
+    rows = [f"{e},0.5," + ",".join(str(r) for r in ratios[e - 1] for _ in range(2)) for e in (1, 2)]
+    (run / "metrics.csv").write_text("\n".join([head] + rows) + "\n")
+
+
+def test_report_section_tables_and_figure(tmp_path):
+    from cifarlab.report.section_dropout import FIGURE, dropout_section
+
+    log, img = tmp_path / "log", tmp_path / "img"
+    assert dropout_section(log, img) is None
+    _fake_run(log, "b0-none", 0, "neuron", 0.0, 12.5, [(1.0, 0.98, 0.97), (1.0, 0.99, 0.96)])
+    _fake_run(log, "b0-channel-0.1", 0, "1", 0.1, 11.25, [(0.9, 0.8, 0.7), (0.91, 0.81, 0.71)])
+    _fake_run(log, "b2-layer-0.1", 2, "layer", 0.1, 13.0, [(0.95, 0.9, 0.85), (0.96, 0.92, 0.875)])
+    md = dropout_section(log, img)
+    # pivot: one row per (level, rate), one column per block type; 'none' first
+    assert "| level | rate | mode | block type 0 | block type 2 |" in md
+    assert "| none | 0.00 | — | 12.50 | — |" in md
+    assert "| channel | 0.10 | — | 11.25 | — |" in md
+    assert "| layer | 0.10 | row | — | 13.00 |" in md
+    # per run: the last epoch's variance ratios (first, middle, last)
+    assert ("| b0-channel-0.1 | preresnet-11 arg1=1 base_width=8 | bn | 0 | channel | 0.10 | — | — | 11.25 | "
+            "0.910 | 0.810 | 0.710 | 2 |") in md
+    assert f"img/{FIGURE}" in md and (img / FIGURE).is_file()
+    first = (img / FIGURE).read_bytes()
+    assert dropout_section(log, img) == md and (img / FIGURE).read_bytes() == first  # deterministic

@@ -1,6 +1,8 @@
 """Grad-CAM on pytorch-grad-cam, ROAD scores, the insight tools and the cam/insight commands."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -182,8 +184,9 @@ def test_cam_command_on_a_trained_run(finished_run, tmp_path, capsys):
                "--layer", "previous", "--out", str(out)])
     assert rc == 0
     assert out.is_file()
-    lines = (tmp_path / "cam.road.csv").read_text().splitlines()
-    assert lines[0] == "method,road_combined" and [l.split(",")[0] for l in lines[1:]] == ["gradcam", "scorecam"]
+    meta = json.loads((tmp_path / "cam.json").read_text())
+    assert meta["layer"] == "conv1" and meta["methods"] == ["gradcam", "scorecam"]
+    assert list(meta["road_combined"]) == ["gradcam", "scorecam"]
     assert "layer conv1" in capsys.readouterr().out  # lenet5: conv2 is last, conv1 before it
 
 

@@ -189,3 +189,21 @@ def test_report_does_not_import_training_code():
             "print(any(m.startswith('cifarlab.train') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_interpretation_section_picks_up_cam_and_insight_figures(logs, tmp_path):
+    run = logs / "all-200ep" / "resnet18"
+    png = (logs / "all-200ep" / "dla" / "log.txt").parent / "curves.png"
+    plot_run_curves(png.parent)  # any PNG will do as a stand-in figure
+    (run / "gradcam.png").write_bytes(png.read_bytes())
+    (run / "gradcam.json").write_text(json.dumps({"layer": "layer3", "n": 8, "seed": 0, "target": "label",
+                                                  "checkpoint": "best", "road_combined": {"gradcam": 0.1234}}))
+    (run / "insight").mkdir()
+    (run / "insight" / "confusion.png").write_bytes(png.read_bytes())
+    out = tmp_path / "report"
+    readme = build_report(logs, out).read_text()
+    assert "## Network interpretation: Grad-CAM and insight" in readme
+    assert "(img/gradcam-all-200ep-resnet18.png)" in readme and "layer `layer3`" in readme
+    assert "| Grad-CAM | +0.1234 |" in readme
+    assert "(img/confusion-all-200ep-resnet18.png)" in readme
+    assert (out / "img" / "gradcam-all-200ep-resnet18.png").read_bytes() == png.read_bytes()

@@ -147,31 +147,43 @@ def _g(v: float) -> str:
     return "n/a" if not isinstance(v, (int, float)) or not math.isfinite(v) else f"{v:.4g}"
 
 
+def _verdict(bn: float, plain: float, better: str, worse: str, same: str) -> str:
+    """'better' when the BN value is lower, 'worse' when higher; ties and missing values said so."""
+    if not (math.isfinite(bn) and math.isfinite(plain)):
+        return "not comparable (missing values)"
+    if bn == plain:
+        return same
+    return better if bn < plain else worse
+
+
 def comparison_lines(land: dict[str, dict], probe: dict[str, dict]) -> list[str]:
     """Plain sentences: is BN's band narrower, is its beta smaller, with the numbers."""
     lines = []
     for plain, bn in pairs(sorted(set(land) | set(probe))):
         if plain in land and bn in land:
             a, b = land[plain], land[bn]
-            verdict = "narrower" if b["band_width_mean"] < a["band_width_mean"] else "NOT narrower"
+            verdict = _verdict(b["band_width_mean"], a["band_width_mean"], "narrower", "NOT narrower",
+                               "as wide as")
             note = ""
             if a["diverged"] or b["diverged"]:
                 note = (" (diverged rates are excluded from the band after they diverge: "
                         + "; ".join(f"{m}: " + ", ".join(f"lr {lr:g} at step {s}" for lr, s in land[m]["diverged"])
                                     for m in (plain, bn) if land[m]["diverged"]) + ")")
-            lines.append(f"Loss landscape: the band of **{bn}** is **{verdict}** than that of {plain}: "
+            verdict += "" if verdict in ("as wide as", "not comparable (missing values)") else " than"
+            lines.append(f"Loss landscape: the band of **{bn}** is **{verdict}** that of {plain}: "
                          f"mean width (max - min training loss over the rates, per step) "
                          f"{_g(b['band_width_mean'])} vs {_g(a['band_width_mean'])}; median "
                          f"{_g(b['band_width_median'])} vs {_g(a['band_width_median'])}; last 10% of the "
                          f"steps {_g(b['band_width_last10pct'])} vs {_g(a['band_width_last10pct'])}{note}.")
         if plain in probe and bn in probe:
             a, b = probe[plain], probe[bn]
-            verdict = "smaller" if b["beta_median"] < a["beta_median"] else "NOT smaller"
-            lines.append(f"Effective beta-smoothness: the beta of **{bn}** is **{verdict}** than that of "
+            verdict = _verdict(b["beta_median"], a["beta_median"], "smaller", "NOT smaller", "equal to")
+            verdict += "" if verdict in ("equal to", "not comparable (missing values)") else " than"
+            lines.append(f"Effective beta-smoothness: the beta of **{bn}** is **{verdict}** that of "
                          f"{plain}: median over probed steps {_g(b['beta_median'])} vs {_g(a['beta_median'])} "
                          f"(mean {_g(b['beta_mean'])} vs {_g(a['beta_mean'])}; {b['probes']} and "
                          f"{a['probes']} probes).")
-            verdict = "more" if b["grad_diff_max_mean"] < a["grad_diff_max_mean"] else "NOT more"
+            verdict = _verdict(b["grad_diff_max_mean"], a["grad_diff_max_mean"], "more", "NOT more", "equally")
             lines.append(f"Gradient predictiveness: gradients of **{bn}** are **{verdict}** predictive: mean "
                          f"over probes of the largest ||grad L(w) - grad L(w - eta g)|| "
                          f"{_g(b['grad_diff_max_mean'])} vs {_g(a['grad_diff_max_mean'])}; loss spread along "
@@ -211,6 +223,10 @@ def plot_landscape(band: pd.DataFrame, runs: pd.DataFrame, path: str | Path, tit
         ax.fill_between(steps, lo, hi, alpha=0.35, color=st["color"], label=label, lw=0)
         ax.plot(steps, lo, color=st["color"], lw=0.6)
         ax.plot(steps, hi, color=st["color"], lw=0.6)
+    finite = band[["min", "max"]].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 50:  # early spikes dwarf the rest
+        ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss" + (f" (moving average, {smooth} steps)" if smooth > 1 else ""))
     head = title or "Loss landscape: min-max band of the training loss over learning rates"

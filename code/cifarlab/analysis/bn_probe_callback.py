@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ class BNProbeCallback(Callback):
         epoch_time = float(row.get("epoch_time_s") or 0.0)
         self.train_time_s += max(epoch_time - self._epoch_probe_s, 0.0)
         betas = sorted(b for b in {r["step"]: r["beta"] for r in new}.values() if math.isfinite(b))
-        row["probe_beta_median"] = betas[len(betas) // 2] if betas else None
+        row["probe_beta_median"] = statistics.median(betas) if betas else None
         row["probe_overhead_pct"] = (100.0 * self._epoch_probe_s / (epoch_time - self._epoch_probe_s)
                                      if epoch_time > self._epoch_probe_s > 0 else None)
 
@@ -159,7 +160,7 @@ class BNProbeCallback(Callback):
         summary["probe_interval"] = self.interval
         summary["probe_etas"] = list(self.etas)
         summary["probe_count"] = len(steps)
-        summary["probe_beta_median"] = betas[len(betas) // 2] if betas else None
+        summary["probe_beta_median"] = statistics.median(betas) if betas else None
         summary["probe_beta_max"] = betas[-1] if betas else None
         summary["probe_time_s"] = self.probe_time_s
         summary["probe_overhead_pct"] = (100.0 * self.probe_time_s / self.train_time_s

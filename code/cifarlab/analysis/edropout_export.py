@@ -88,7 +88,8 @@ def export_pruned(model: nn.Module, layers: list[UnitLayer], state: torch.Tensor
     fc = mods[fc_layer.name] if fc_layer is not None else None
     fc_alive = list(range(fc_layer.size)) if fc_layer is not None else []
 
-    dg = tp.DependencyGraph().build_dependency(pruned, example_inputs=example_input, verbose=False)
+    with torch.enable_grad():  # the dependency graph is traced through autograd
+        dg = tp.DependencyGraph().build_dependency(pruned, example_inputs=example_input, verbose=False)
     physical = 0
     for layer in conv_layers:
         conv = mods[layer.name]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 NAME = "cam"
 HELP = "class activation maps (Grad-CAM, Grad-CAM++, Score-CAM, ...) of a finished run, with ROAD scores"
@@ -48,10 +49,13 @@ def run(args) -> int:
     title = (f"{run.cfg.model} on {run.cfg.dataset}, layer {study.layer}, "
              f"{'true' if args.target == 'label' else 'predicted'} class explained")
     cam_figure(study, out, run.info.mean, run.info.std, run.info.classes, title)
+    # a sidecar the report's interpretation section reads (it never loads models itself)
+    meta = {"run_dir": str(args.run_dir), "model": run.cfg.model, "dataset": run.cfg.dataset,
+            "checkpoint": args.checkpoint, "layer": study.layer, "target": args.target, "n": args.n,
+            "seed": args.seed, "methods": methods,
+            "road_combined": {m: round(s, 6) for m, s in study.road_table().items()}}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     print(f"layer {study.layer}; figure: {out}")
-    if study.road:
-        lines = ["method,road_combined"] + [f"{m},{s:.4f}" for m, s in study.road_table().items()]
-        atomic_write_text(out.with_suffix(".road.csv"), "\n".join(lines) + "\n")
-        for m, s in study.road_table().items():
-            print(f"  {DISPLAY[m]:<14} ROAD {s:+.4f}  (higher = more faithful)")
+    for m, s in study.road_table().items():
+        print(f"  {DISPLAY[m]:<14} ROAD {s:+.4f}  (higher = more faithful)")
     return 0

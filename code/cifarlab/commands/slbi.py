@@ -52,6 +52,18 @@ def _parse_percents(text: str) -> list[float]:
     return values
 
 
+def _record_command(run_dir) -> None:
+    """command.txt: the exact command line, for the report (only when run as `python -m cifarlab`)."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from cifarlab.utils import atomic_write_text
+
+    if Path(sys.argv[0]).name == "__main__.py" and Path(run_dir).is_dir():
+        atomic_write_text(Path(run_dir) / "command.txt", "python -m cifarlab " + shlex.join(sys.argv[1:]) + "\n")
+
+
 def run(args) -> int:
     from cifarlab.analysis.slbi_callbacks import MaskedFinetune, SLBIExperiment
     from cifarlab.commands.train import resume_config
@@ -71,6 +83,7 @@ def run(args) -> int:
         callbacks.append(MaskedFinetune(args.finetune_from))
     summary = Trainer(cfg, callbacks=callbacks).fit()
     run_dir = cfg.resolved_run_dir()
+    _record_command(run_dir)
     acc = summary.get("test_acc")
     line = f"test accuracy {100 * acc:.2f}%" if acc is not None else "no test accuracy"
     if summary.get("test_acc_wstar") is not None:

@@ -8,13 +8,13 @@ from cifarlab.data.augment import apply_cutout, crop_flip, draw_params, normaliz
 from cifarlab.data.bundle import DataBundle, build_loaders, split_train_val, subset_indices
 from cifarlab.data.device_loader import DeviceLoader, epoch_seed, shard_positions
 from cifarlab.data.registry import DatasetInfo, available_datasets, dataset_info
-from cifarlab.data.sources import load_arrays, resolve_data_root, torchvision_dataset
+from cifarlab.data.sources import dataset_location, load_arrays, resolve_data_root, torchvision_dataset
 from cifarlab.data.synthetic import make_synthetic
 from cifarlab.data.torch_loader import TorchLoader
 
 __all__ = [
     "DataBundle", "DatasetInfo", "DeviceLoader", "TorchLoader", "apply_cutout", "available_datasets",
-    "build_loaders", "crop_flip", "dataset_info", "draw_params", "epoch_seed", "load_arrays",
+    "build_loaders", "crop_flip", "dataset_info", "dataset_location", "draw_params", "epoch_seed", "load_arrays",
     "make_synthetic", "normalize", "resolve_data_root", "shard_positions", "split_train_val",
     "subset_indices", "torchvision_dataset",
 ]

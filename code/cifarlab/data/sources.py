@@ -138,6 +138,7 @@ def _stage_idx(source: Path, raw: Path) -> None:
         try:
             with os.fdopen(fd, "wb") as out, (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as inp:
                 shutil.copyfileobj(inp, out, 1 << 20)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared data root must stay readable
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
@@ -160,6 +161,27 @@ def _places(name: str, root: Path) -> list[Path]:
     else:
         local = []
     return local + list(SYSTEM_LOCATIONS.get(name, []))
+
+
+def dataset_location(name: str, root: str | Path | None = None) -> Path | None:
+    """The first searched folder that holds ``name``'s files (data root, then system
+    locations), without copying anything; None when absent (and for synthetic data)."""
+    dataset_info(name)
+    if parse_synthetic(name) is not None:
+        return None
+    root = resolve_data_root(root)
+    for folder in _places(name, root):
+        if name in _IDX_CLASSES:
+            found = _idx_complete(folder)
+        elif name == "svhn":
+            found = (folder / "train_32x32.mat").is_file() or (folder / "test_32x32.mat").is_file()
+        elif name == "flowers102":
+            found = (folder / "jpg").is_dir() and (folder / "setid.mat").is_file()
+        else:
+            found = folder.is_dir() and any(folder.iterdir())
+        if found:
+            return folder
+    return None
 
 
 def _find(name: str, root: Path, train: bool) -> Path | None:
@@ -360,7 +382,7 @@ def torchvision_dataset(name: str, root: str | Path | None = None, train: bool =
     """The plain torchvision dataset (PIL images, int labels) for the classic DataLoader loop,
     found the same way as load_arrays (Debian's Fashion-MNIST included). Synthetic data comes
     as a small Dataset of PIL images."""
-    if parse_synthetic(name) is not None if isinstance(name, str) else False:
+    if isinstance(name, str) and parse_synthetic(name) is not None:
         from cifarlab.data.synthetic import SyntheticVisionDataset
 
         images, labels = load_arrays(name, root, train, **kw)

@@ -14,8 +14,10 @@ The first step of a run scores the initial population itself (Bernoulli(p0)) ins
 Early convergence: from ``edropout_freeze_epoch`` on, the state freezes the first time the best
 cost repeats one of the previous 9 best costs; from then on every step trains the frozen
 (pruned) network and the search stops. The test runs on the device every step; the host reads
-the flag once per epoch (in ``on_epoch_end``). Until then the steps of that epoch already train
-the frozen state; only the (useless) search keeps running to the end of the epoch.
+the flag after the first step of each freeze-phase epoch (where the repeat usually happens:
+greedy selection keeps the best parent and its cost whenever no trial beats it) and at the end
+of every epoch — no other host synchronisation. Steps after a repeat that the host has not read
+yet already train the frozen state; only their (discarded) search is wasted.
 
 Evaluation: the Trainer's val/test numbers are EDropout(P) (best state on) — the network this
 method delivers, and what selects the best checkpoint. The callback adds EDropout(F) (every
@@ -59,6 +61,7 @@ class EDropout(Callback):
         self._pending: dict | None = None
         self._eval_full = False  # evaluate with every unit on (EDropout F)
         self._between_epochs = False
+        self._checked = False  # the freeze phase's mid-epoch host read done this epoch
         self._kept_cache: tuple[bytes, dict] | None = None
 
     @classmethod
@@ -157,6 +160,13 @@ class EDropout(Callback):
     def forward_loss(self, trainer, x, y):
         if not self.frozen:
             self.search_step(trainer.model, x, y, trainer.epoch, trainer.autocast)
+            if trainer.epoch >= self.freeze_epoch and not self._checked:
+                # one host read in each epoch of the freeze phase, after its first step (when
+                # the repeat usually happens), so that the rest of the epoch skips the search
+                self._checked = True
+                if bool(self.converged):
+                    self.frozen, self.frozen_epoch = True, trainer.epoch
+                    self.state = self.frozen_state.clone()
         self.masks.set_state(self.state)
         with trainer.autocast():
             logits = self._train_model(trainer)(x)
@@ -218,6 +228,7 @@ class EDropout(Callback):
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         self._between_epochs = False
+        self._checked = False
 
     def on_epoch_end(self, trainer, epoch: int, row: dict[str, Any]) -> None:
         # the epoch's one host sync for the search: converged flag, best cost, units kept

@@ -213,7 +213,7 @@ def _link(label: str, target: Path | None, out_dir: Path) -> str:
     return f"[{label}]({Path(os.path.relpath(target, out_dir)).as_posix()})"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "runs"
 
 
@@ -310,7 +310,7 @@ def render_group(group: str, runs: list[Run], out_dir: Path, img_dir: Path) -> s
     if notes.is_file():
         parts += [notes.read_text().strip(), ""]
     parts += [markdown_table(group_table(runs, out_dir, links)), ""]
-    fig = group_figure(runs, img_dir / f"runs-{_slug(group)}.png")
+    fig = group_figure(runs, img_dir / f"runs-{slug(group)}.png")
     if fig is not None:
         parts += [f"![validation accuracy, {group}]({Path(os.path.relpath(fig, out_dir)).as_posix()})", ""]
     return "\n".join(parts)

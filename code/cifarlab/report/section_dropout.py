@@ -1,0 +1,159 @@
+"""Structural dropout (Cai et al. 2019; issue 7) in the report.
+
+A dropout run is any run directory whose config.yaml builds a dropout network (``net_type``
+set, or ``model`` one of the ``*_drop`` names); grid/dropout.txt puts them in log/dropout/.
+The section gives the test error per level and rate for each block type, a per-run table with
+the final variance-shift ratios, and the variance-shift figure: eval/train ratio of the input
+variance of the first, middle and last norm layer after dropout, per epoch.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cifarlab.dropout.layers import parse_drop_type
+from cifarlab.errors import CifarlabError
+from cifarlab.report.build import DASH, Run, find_runs, fmt_count, fmt_float, group_caption, markdown_table
+from cifarlab.report.curves import integer_epochs, save_figure
+from cifarlab.report.registry import register_section
+
+LEVELS = ("none", "neuron", "channel", "path", "layer")
+POSITIONS = ("first", "middle", "last")
+FIGURE = "dropout-variance-shift.png"
+
+
+def is_dropout_run(run: Run) -> bool:
+    cfg = run.config
+    return bool(cfg.get("net_type")) or str(cfg.get("model", "")).endswith("_drop")
+
+
+def setting(run: Run) -> dict:
+    """What a run varies: network, block type, level (none when the rate is 0), rate, mode."""
+    cfg = run.config
+    rate = float(cfg.get("drop_rate") or 0.0)
+    try:
+        level = parse_drop_type(cfg.get("drop_type")) or "none"
+    except CifarlabError:  # a foreign config: show it rather than fail the report
+        level = str(cfg.get("drop_type"))
+    if rate == 0.0:
+        level = "none"
+    net = str(cfg.get("net_type") or str(cfg.get("model", "")).removesuffix("_drop"))
+    if net == "resnet":
+        net = "preresnet"
+    kwargs = cfg.get("model_kwargs") or {}
+    depth = cfg.get("depth")
+    arg1 = cfg.get("arg1")
+    arch = net + (f"-{depth}" if depth is not None else "") + (f" arg1={arg1:g}" if arg1 is not None else "")
+    if kwargs:
+        arch += " " + ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs))
+    return {"arch": arch, "block_type": int(cfg.get("block_type") or 0), "level": level, "rate": rate,
+            "mode": str(kwargs.get("drop_mode", "row")) if level in ("path", "layer") else DASH,
+            "norm": str(cfg.get("norm") or "bn")}
+
+
+def _level_rank(level: str) -> int:
+    return LEVELS.index(level) if level in LEVELS else len(LEVELS)
+
+
+def _sort_key(run: Run):
+    s = setting(run)
+    return (s["arch"], s["norm"], s["block_type"], _level_rank(s["level"]), s["rate"], s["mode"], run.name)
+
+
+def _final(run: Run, column: str) -> float | None:
+    vals = [v for v in run.metrics.get(column, []) if math.isfinite(v)]
+    return vals[-1] if vals else None
+
+
+def error_pivot(runs: list[Run]):
+    """Rows (level, rate), one column per block type: test error in % of the best-val checkpoint."""
+    import pandas as pd
+
+    cells: dict[tuple, dict[str, str]] = {}
+    block_types = sorted({setting(r)["block_type"] for r in runs})
+    for run in runs:
+        s = setting(run)
+        key = (_level_rank(s["level"]), s["level"], s["rate"], s["mode"])
+        cells.setdefault(key, {})[f"block type {s['block_type']}"] = fmt_float(run.summary.get("test_error"))
+    rows = []
+    for key in sorted(cells):
+        _rank, level, rate, mode = key
+        row = {"level": level, "rate": fmt_float(rate, 2), "mode": mode}
+        row.update({f"block type {b}": cells[key].get(f"block type {b}", DASH) for b in block_types})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_table(runs: list[Run]):
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        s = setting(run)
+        row = {"run": run.name, "network": s["arch"], "norm": s["norm"], "block type": s["block_type"],
+               "level": s["level"], "rate": fmt_float(s["rate"], 2), "mode": s["mode"],
+               "#params": fmt_count(run.summary.get("params")),
+               "error (%)": fmt_float(run.summary.get("test_error"))}
+        for pos in POSITIONS:
+            row[f"var ratio {pos}"] = fmt_float(_final(run, f"ratio_var_{pos}"), 3)
+        row["epochs"] = str(run.epochs_done)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def variance_shift_figure(runs: list[Run], path: Path) -> Path | None:
+    """Three panels (first, middle, last tracked norm layer): eval/train input variance per epoch."""
+    from matplotlib.figure import Figure
+
+    runs = [r for r in runs if r.metrics.get("epoch") and r.metrics.get("ratio_var_first")]
+    if not runs:
+        return None
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 3, sharey=True)
+    styles = {0: "-", 1: "-.", 2: "--", 3: ":"}
+    colors = {"none": "black", "neuron": "tab:blue", "channel": "tab:orange", "path": "tab:green",
+              "layer": "tab:red"}
+    for run in runs:
+        s = setting(run)
+        label = f"type {s['block_type']} {s['level']}" + (f" {s['rate']:g}" if s["level"] != "none" else "")
+        for ax, pos in zip(axes, POSITIONS):
+            ys = run.metrics.get(f"ratio_var_{pos}", [])
+            ax.plot(run.metrics["epoch"][: len(ys)], ys, styles.get(s["block_type"], "-"),
+                    color=colors.get(s["level"], "gray"), marker=".", label=label, alpha=0.85)
+    for ax, pos in zip(axes, POSITIONS):
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{pos} norm layer after dropout", fontsize=9)
+        ax.set_xlabel("epoch")
+        integer_epochs(ax)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("input variance, eval / train")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+@register_section("Structural dropout", order=60)
+def dropout_section(log_root: Path, img_dir: Path) -> str | None:
+    runs = sorted((r for r in find_runs(log_root) if is_dropout_run(r)), key=_sort_key)
+    if not runs:
+        return None
+    parts = [
+        "Drop-neuron, drop-channel, drop-path and drop-layer (Cai et al. 2019) in networks built from "
+        "the customizable conv block (block type 0: norm-relu-drop-conv, 2: drop-conv-norm-relu). "
+        "Error: test error (%) of the best-validation checkpoint; level `none` is the same network "
+        "with rate 0.",
+        "",
+        group_caption(runs),
+        "",
+        markdown_table(error_pivot(runs)),
+        "",
+        "Per run, with the variance shift at the last epoch (eval/train ratio of the input variance "
+        "of the first, middle and last norm layer that follows a dropout layer; 1 = no shift):",
+        "",
+        markdown_table(run_table(runs)),
+        "",
+    ]
+    fig = variance_shift_figure(runs, img_dir / FIGURE)
+    if fig is not None:
+        parts += [f"![variance shift](img/{FIGURE})", ""]
+    return "\n".join(parts)

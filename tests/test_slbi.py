@@ -1,0 +1,462 @@
+"""DessiLBI: the SLBI update on hand-computed tensors, the toolbox, physical pruning, resume,
+and the run through the Trainer and the `slbi` command (tiny synthetic data)."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifarlab.analysis import slbi_toolbox as tb
+from cifarlab.analysis.physical_prune import compare_models, export_pruned
+from cifarlab.errors import CifarlabError, ConfigError
+from cifarlab.optim.slbi import (SLBI, SLBIAdam, group_soft_threshold, slbi_param_groups, slbi_step_ratio,
+                                 soft_threshold)
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-6):
+    assert torch.allclose(a, T(b, dtype=a.dtype) if not isinstance(b, torch.Tensor) else b, atol=tol, rtol=0), (a, b)
+
+
+# -- the proximal maps ---------------------------------------------------------------------------
+
+def test_elementwise_soft_threshold_by_hand():
+    z = T([1.5, -0.2, -3.0, 0.5, 1.0, -1.25])
+    close(soft_threshold(z, 1.0), [0.5, 0.0, -2.0, 0.0, 0.0, -0.25])
+    close(soft_threshold(z, 0.0), z)
+
+
+def test_group_soft_threshold_by_hand():
+    # filter 0: ||(3,4)|| = 5 -> scale 1 - 1/5 = 0.8; filter 1: ||(0.3,0.4)|| = 0.5 < 1 -> 0; filter 2: zero
+    z = T([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]).view(3, 1, 1, 2)
+    close(group_soft_threshold(z, 1.0).view(3, 2), [[2.4, 3.2], [0.0, 0.0], [0.0, 0.0]])
+    close(group_soft_threshold(z, 0.25).view(3, 2), [[2.85, 3.8], [0.15, 0.2], [0.0, 0.0]])
+
+
+# -- the update, by hand (REFERENCE §2) -----------------------------------------------------------
+
+def _elementwise_problem(momentum, weight_decay=0.0):
+    """W = [[1, -2]] (linear weight, element-wise), b = [1] (plain); fixed gradients each step.
+    a = 0.1, kappa = 2, mu = 10, lam = 0.015."""
+    w = nn.Parameter(T([[1.0, -2.0]]))
+    b = nn.Parameter(T([1.0]))
+    opt = SLBI([{"params": [w], "penalty": "elementwise"}, {"params": [b], "penalty": None}],
+               lr=0.1, kappa=2.0, mu=10.0, lam=0.015, momentum=momentum, weight_decay=weight_decay)
+
+    def step():
+        w.grad = T([[0.5, 1.0]])
+        b.grad = T([0.5])
+        opt.step()
+    return w, b, opt, step
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_one_step_by_hand(momentum):
+    w, b, opt, step = _elementwise_problem(momentum)
+    close(opt.state[w]["z"], [[0.0, 0.0]])
+    close(opt.state[w]["gamma"], [[0.0, 0.0]])
+    step()
+    # W1 = W - a k g - a k (W - 0)/mu = [1 - .1 - .02, -2 - .2 + .04]
+    close(w.detach(), [[0.88, -2.16]])
+    # z1 = (a/mu) W0 = [0.01, -0.02]; Gamma1 = 2 * soft(z1, 0.015) = [0, -0.01]
+    close(opt.state[w]["z"], [[0.01, -0.02]])
+    close(opt.state[w]["gamma"], [[0.0, -0.01]])
+    # plain parameter: b - a k g = 1 - 0.1
+    close(b.detach(), [0.9])
+    assert "z" not in opt.state[b] and "gamma" not in opt.state[b]
+
+
+def test_two_steps_without_momentum_by_hand():
+    w, b, opt, step = _elementwise_problem(0.0)
+    step()
+    step()
+    # W2 = W1 - a k g - a k (W1 - G1)/mu = [0.88 - 0.1 - 0.0176, -2.16 - 0.2 + 0.02*2.15]
+    close(w.detach(), [[0.7624, -2.317]])
+    # z2 = z1 + 0.01 (W1 - G1) = [0.0188, -0.0415]; Gamma2 = 2 soft(z2, .015) = [0.0076, -0.053]
+    close(opt.state[w]["z"], [[0.0188, -0.0415]])
+    close(opt.state[w]["gamma"], [[0.0076, -0.053]])
+    close(b.detach(), [0.8])
+
+
+def test_two_steps_with_momentum_by_hand():
+    w, b, opt, step = _elementwise_problem(0.5)
+    step()
+    step()
+    # buf2 = 0.5 g + g = 1.5 g = [0.75, 1.5]: W2 = [0.88 - 0.15 - 0.0176, -2.16 - 0.3 + 0.043]
+    close(w.detach(), [[0.7124, -2.417]])
+    close(opt.state[w]["momentum_buffer"], [[0.75, 1.5]])
+    close(opt.state[w]["z"], [[0.0188, -0.0415]])  # z uses W1, which momentum has not touched yet
+    close(opt.state[w]["gamma"], [[0.0076, -0.053]])
+    close(b.detach(), [0.9 - 0.2 * 0.75])
+
+
+def test_group_penalty_two_steps_by_hand():
+    # conv weight with 2 filters of 2 entries; zero loss gradient, a = 1, mu = 10, kappa = 1, lam = 1
+    w = nn.Parameter(T([[30.0, 40.0], [3.0, 4.0]]).view(2, 1, 1, 2))
+    opt = SLBI([w], lr=1.0, kappa=1.0, mu=10.0, lam=1.0, momentum=0.9)  # "auto": 4-D -> group
+    for _ in range(2):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        if _ == 0:
+            close(w.detach().view(2, 2), [[27.0, 36.0], [2.7, 3.6]], 1e-5)
+            close(opt.state[w]["z"].view(2, 2), [[3.0, 4.0], [0.3, 0.4]], 1e-6)
+            close(opt.state[w]["gamma"].view(2, 2), [[2.4, 3.2], [0.0, 0.0]], 1e-6)
+    # W2 = W1 - (W1 - G1)/10; z2 = z1 + (W1 - G1)/10: filter 0 norm 9.1 -> scale 8.1/9.1; filter 1 norm .95 -> 0
+    close(w.detach().view(2, 2), [[24.54, 32.72], [2.43, 3.24]], 1e-5)
+    close(opt.state[w]["z"].view(2, 2), [[5.46, 7.28], [0.57, 0.76]], 1e-5)
+    close(opt.state[w]["gamma"].view(2, 2), [[4.86, 6.48], [0.0, 0.0]], 1e-5)
+
+
+def test_weight_decay_is_pytorch_style_and_skips_1d_params():
+    w, b, opt, step = _elementwise_problem(0.5, weight_decay=0.1)
+    step()
+    # d = g + 0.1 W = [0.6, 0.8]: W1 = [1 - 0.2*0.6 - 0.02, -2 - 0.2*0.8 + 0.04]; b has no decay
+    close(w.detach(), [[0.86, -2.12]])
+    close(b.detach(), [0.9])
+    step()
+    # buf2 = 0.5*[0.6, 0.8] + g + 0.1*W1 = [0.886, 1.188] (decay enters before momentum)
+    close(opt.state[w]["momentum_buffer"], [[0.886, 1.188]])
+    close(b.detach(), [0.9 - 0.2 * 0.75])
+
+
+def test_slbi_adam_first_step_moves_by_sign():
+    w = nn.Parameter(T([[1.0, -2.0]]))
+    opt = SLBIAdam([w], lr=0.1, kappa=2.0, mu=10.0, lam=0.015)
+    w.grad = T([[0.5, -3.0]])
+    opt.step()
+    # step 1: m_hat = g, v_hat = g^2 -> d = g/(|g| + eps) = sign(g); W1 = W - a k d - a k W/mu
+    close(w.detach(), [[1.0 - 0.2 - 0.02, -2.0 + 0.2 + 0.04]], 1e-5)
+    close(opt.state[w]["z"], [[0.01, -0.02]])
+
+
+def test_param_groups_and_overrides():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    groups = slbi_param_groups(model, lam=0.5, fc_lam=0.1)
+    kinds = {g["penalty"]: g for g in groups}
+    assert kinds["group"]["params"] == [model[0].weight] and kinds["group"]["lam"] == 0.5
+    assert kinds["elementwise"]["params"] == [model[3].weight] and kinds["elementwise"]["lam"] == 0.1
+    assert len(kinds[None]["params"]) == 4  # conv bias, BN weight and bias, linear bias
+    opt = SLBI(groups, lr=0.1)
+    assert set(opt.state) == {model[0].weight, model[3].weight}
+    only = slbi_param_groups(model, layers=["3"])
+    assert [g["penalty"] for g in only] == ["elementwise", None]
+    with pytest.raises(ConfigError, match="not in the model"):
+        slbi_param_groups(model, layers=["nope"])
+
+
+@pytest.mark.parametrize("kwargs", [dict(mu=0.0), dict(lr=-1.0), dict(momentum=1.0), dict(lam=-0.1),
+                                    dict(penalty="l1")])
+def test_bad_hyperparameters_raise_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        SLBI([nn.Parameter(torch.zeros(2, 2))], **{"lr": 0.1, **kwargs})
+
+
+# -- resume and the compiled step -----------------------------------------------------------------
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def _batches(n=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_resumed_slbi_matches_uninterrupted_run_exactly():
+    batches = _batches(6)
+    ref = _tiny_net()
+    opt = SLBI(slbi_param_groups(ref, lam=0.01), lr=0.5, mu=5.0, weight_decay=1e-3)
+    _train(ref, opt, batches)
+    assert any(bool((opt.state[p]["gamma"] != 0).any()) for p in (ref[0].weight, ref[4].weight))
+
+    first = _tiny_net()
+    opt1 = SLBI(slbi_param_groups(first, lam=0.01), lr=0.5, mu=5.0, weight_decay=1e-3)
+    _train(first, opt1, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = _tiny_net()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = SLBI(slbi_param_groups(resumed, lam=0.01), lr=0.5, mu=5.0, weight_decay=1e-3)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(resumed, opt2, batches[3:])
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    for p, q in zip(ref.parameters(), resumed.parameters()):
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None, reason="no C++ compiler for inductor")
+def test_compiled_step_matches_eager():
+    # one sparse group only (a linear layer): one compiled graph keeps this test short
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    nets, opts = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 3))
+        nets.append(net)
+        opts.append(SLBI(slbi_param_groups(net, lam=0.01), lr=0.5, mu=5.0, compiled=compiled))
+        _train(net, opts[-1], batches)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+        if "gamma" in opts[0].state[p]:
+            assert bool((opts[0].state[p]["gamma"] != 0).any())
+            assert torch.allclose(opts[0].state[p]["gamma"], opts[1].state[q]["gamma"], atol=1e-6)
+
+
+def test_step_ratio_reports_both_timings():
+    r = slbi_step_ratio(model=_tiny_net(), model_name="tiny", repeats=2)
+    assert r["sgd_ms"] > 0 and r["slbi_ms"] > 0 and r["ratio"] == pytest.approx(r["slbi_ms"] / r["sgd_ms"])
+
+
+# -- the toolbox ----------------------------------------------------------------------------------
+
+def _opt_with_gamma(model, gammas: dict):
+    opt = SLBI(slbi_param_groups(model), lr=0.1)
+    for name, g in gammas.items():
+        opt.state[model.get_submodule(name).weight]["gamma"] = g
+    return opt
+
+
+def test_w_star_swap_and_restore_round_trip_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 2), nn.Flatten(), nn.Linear(3, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gconv = torch.zeros(3, 1, 2, 2)
+    gconv[1] = 0.5
+    glin = T([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    opt = _opt_with_gamma(model, {"0": gconv, "2": glin})
+    with tb.use_w_star(model, opt):
+        assert torch.equal(model[0].weight[[0, 2]], torch.zeros(2, 1, 2, 2))
+        assert torch.equal(model[0].weight[1], before["0.weight"][1])
+        assert torch.equal(model[2].weight, before["2.weight"] * (glin != 0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(RuntimeError):
+        with tb.use_w_star(model, opt):
+            raise RuntimeError("boom")
+    assert torch.equal(model[0].weight, before["0.weight"])
+    sel = {r["layer"]: r for r in tb.selection(model, opt)}
+    assert (sel["0"]["selected"], sel["0"]["total"]) == (1, 3)
+    assert (sel["2"]["selected"], sel["2"]["total"], sel["2"]["units_selected"]) == (2, 6, 2)
+
+
+def test_first_activation_record():
+    model = nn.Sequential(nn.Linear(2, 2))
+    opt = _opt_with_gamma(model, {"0": T([[0.0, 1.0], [0.0, 0.0]])})
+    rec = tb.new_first_epoch_record(model, opt)
+    tb.update_first_epoch(rec, model, opt, 3)
+    opt.state[model[0].weight]["gamma"] = T([[1.0, 1.0], [0.0, 0.0]])
+    tb.update_first_epoch(rec, model, opt, 5)
+    assert rec["0"].tolist() == [[5, 3], [tb.NEVER, tb.NEVER]]
+
+
+def test_prune_order_and_percentiles_on_a_hand_made_layer():
+    conv = nn.Conv2d(1, 5, (1, 2))
+    with torch.no_grad():  # filter norms 5, 1, 2, 10, 3
+        conv.weight.copy_(T([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [6.0, 8.0], [3.0, 0.0]]).view(5, 1, 1, 2))
+        conv.bias.copy_(T([1.0, 2.0, 3.0, 4.0, 5.0]))
+    first = torch.full((5, 1, 1, 2), tb.NEVER, dtype=torch.int32)
+    first[1, 0, 0, 0] = 2  # filter 1 activated in epoch 2, filter 2 in epoch 7
+    first[2, 0, 0, 1] = 7
+    order = tb.prune_order(conv.weight, first)
+    close(order, [5.0 - 2000, 1.0 - 2, 2.0 - 7, 10.0 - 2000, 3.0 - 2000])
+    # sorted orders: -1997, -1995, -1990, -5, -1; 40th percentile (linear) = -1995 + 0.6*5 = -1992
+    keep = tb.percentile_keep(order, 40)
+    assert keep.tolist() == [False, True, True, True, False]
+    assert tb.percentile_keep(order, 0).all()
+    assert tb.percentile_keep(order, 80).tolist() == [False, True, False, False, False]
+    # linear: |W| - epoch, element-wise
+    assert tb.prune_order(T([[-3.0, 1.0]]), torch.tensor([[1, 2000]], dtype=torch.int32)).tolist() == [[2.0, -1999.0]]
+    with pytest.raises(ConfigError):
+        tb.percentile_keep(order, 120)
+
+
+def test_prune_layers_zeroes_filters_and_bias_and_restores():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 5, (1, 2)), nn.Flatten(), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(T([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [6.0, 8.0], [3.0, 0.0]]).view(5, 1, 1, 2))
+        model[2].weight.copy_(T([[0.1, -0.2, 0.3, -0.4, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with tb.prune_layers(model, ["0", "2.weight"], 40) as h:
+        # magnitude order without a record: norms 5,1,2,10,3 -> 40th pct = 2.6: filters 1, 2 go
+        assert h.keep["0"].tolist() == [True, False, False, True, True]
+        assert torch.equal(model[0].weight[[1, 2]], torch.zeros(2, 1, 1, 2))
+        assert model[0].bias[[1, 2]].abs().sum() == 0 and model[0].bias[[0, 3, 4]].ne(0).all()
+        # linear: 40th percentile of |W| (10 entries) = 0.46: the four smallest entries go
+        assert int((model[2].weight == 0).sum()) == 4
+        assert model[2].bias.ne(0).all()  # no unit lost every weight
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ConfigError, match="not in the model"):
+        tb.prune_layers(model, ["conv9"], 10)
+    with pytest.raises(ConfigError, match="not a conv or linear"):
+        tb.prune_layers(model, ["1"], 10)
+
+
+def test_kernel_tile_layout():
+    w = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    tile = tb.kernel_tile(w, rows=2, cols=3)
+    assert tile.shape == (4, 6)
+    assert tile[2:4, 4:6].tolist() == w[1, 2].tolist()  # kernel (out 1, in 2) at block row 1, col 2
+
+
+# -- physical pruning -----------------------------------------------------------------------------
+
+class _TinyLeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv3 = nn.Conv2d(4, 6, 3)
+        self.fc1 = nn.Linear(6 * 2 * 2, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv3(F.max_pool2d(F.relu(self.conv1(x)), 2)))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + x)
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.block = _Block(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_physically_pruned_lenet_computes_the_masked_model():
+    torch.manual_seed(0)
+    model = _TinyLeNet().eval()
+    x = torch.randn(16, 1, 10, 10)
+    reference = model(x)
+    keep = {"conv3": T([1, 0, 1, 0, 0, 1]).bool(), "fc1": T([1, 1, 0, 1, 1]).bool()}
+    masked, pruned, plan = export_pruned(model, keep, x[:2])
+    assert {p.layer: p.idxs for p in plan} == {"conv3": [1, 3, 4], "fc1": [2]}
+    assert torch.equal(model(x), reference)  # the input model is untouched
+    assert (pruned.conv3.out_channels, pruned.fc1.in_features, pruned.fc1.out_features) == (3, 12, 4)
+    assert not torch.allclose(masked(x), reference)  # masking changed the function ...
+    info = compare_models(masked, pruned, x, repeats=2)
+    assert info["max_abs_diff"] < 1e-5  # ... and the smaller model computes exactly that
+    assert info["params_after"] < info["params_before"] and info["flops_after"] < info["flops_before"]
+
+
+def test_physically_pruned_resnet_block_computes_the_masked_model():
+    torch.manual_seed(0)
+    model = _randomise_bn(_TinyResNet())
+    x = torch.randn(8, 1, 6, 6)
+    # the residual stream (stem, block.c2) is shared: only channel 1, wanted gone by both, can go
+    keep = {"stem": T([1, 0, 1, 0]).bool(), "block.c1": T([0, 1, 1, 1]).bool(), "block.c2": T([1, 0, 0, 1]).bool()}
+    masked, pruned, plan = export_pruned(model, keep, x[:2])
+    assert {p.layer: p.idxs for p in plan} == {"stem": [1], "block.c1": [0]}
+    assert pruned.stem.out_channels == 3 and pruned.block.c2.out_channels == 3 and pruned.block.c1.out_channels == 3
+    assert pruned.fc.in_features == 3
+    info = compare_models(masked, pruned, x, repeats=2)
+    assert info["max_abs_diff"] < 1e-5
+    assert not torch.allclose(masked(x), model(x))
+
+
+def test_a_layer_keeps_at_least_one_channel():
+    model = _TinyLeNet().eval()
+    x = torch.randn(4, 1, 10, 10)
+    masked, pruned, plan = export_pruned(model, {"conv1": torch.zeros(4, dtype=torch.bool)}, x[:2])
+    assert pruned.conv1.out_channels == 1
+    assert torch.allclose(masked(x), pruned(x), atol=1e-5)
+
+
+# -- through the Trainer and the CLI --------------------------------------------------------------
+
+def _tiny_flags(run_dir, *extra):
+    return ["slbi", "--model", "lenet5", "--dataset", "synthetic:1x28x28", "--train-subset", "256",
+            "--test-subset", "128", "--batch-size", "64", "--epochs", "2", "--device", "cpu",
+            "--progress", "off", "--no-augment", "--run-dir", str(run_dir), *extra]
+
+
+def test_slbi_run_through_the_trainer_and_cli(tmp_path):
+    from cifarlab.cli import main
+
+    run = tmp_path / "slbi"
+    assert main(_tiny_flags(run, "--optimizer", "slbi", "--lr", "0.1", "--slbi-mu", "20", "--weight-decay", "0",
+                            "--prune-percents", "20,80")) == 0
+    metrics = pd.read_csv(run / "metrics.csv")
+    for col in ("val_acc_wstar", "val_loss_wstar", "slbi_filters", "slbi_filter_ratio", "slbi_weight_ratio"):
+        assert col in metrics.columns, col
+    path = pd.read_csv(run / "slbi_path.csv")
+    assert sorted(path["layer"].unique()) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert path["epoch"].tolist().count(2) == 5
+    first = torch.load(run / "slbi_first_epoch.pt", weights_only=True)
+    assert first["conv3"].shape == (120, 16, 5, 5)
+    table = pd.read_csv(run / "prune_table.csv")
+    assert set(table["layers"]) == {"none", "w_star", "conv3", "conv3+fc1"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] is True and "test_acc_wstar" in summary
+    for export in json.loads((run / "physical_prune.json").read_text()):
+        assert export["masked_test_acc"] == export["pruned_test_acc"]
+        assert export["max_abs_diff"] < 1e-4
+    assert (run / "kernels_conv3_w_star.npy").is_file()
+
+    # fine-tuning with the mask keeps the pruned weights at zero
+    ft = tmp_path / "ft"
+    assert main(_tiny_flags(ft, "--optimizer", "sgd", "--lr", "0.01", "--epochs", "1", "--prune-layers", "",
+                            "--finetune-from", str(run))) == 0
+    ck = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    ft_ck = torch.load(ft / "checkpoints" / "last.pt", weights_only=True)
+    masks = next(state["masks"] for state in ft_ck["callbacks"] if "masks" in state)
+    assert set(masks) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    for name, mask in masks.items():
+        assert torch.equal(ft_ck["model"][f"{name}.weight"] * ~mask, torch.zeros_like(mask, dtype=torch.float32))
+    assert ck["config"]["optimizer"] == "slbi"
+
+
+def test_cli_rejects_bad_slbi_input(tmp_path):
+    from cifarlab.cli import main
+
+    assert main(_tiny_flags(tmp_path / "a", "--optimizer", "slbi", "--prune-percents", "5,150")) == 2
+    assert main(_tiny_flags(tmp_path / "b", "--optimizer", "slbi", "--finetune-from", str(tmp_path))) == 2
+    with pytest.raises(CifarlabError):
+        from cifarlab.commands.slbi import _parse_percents
+
+        _parse_percents("a,b")
