@@ -46,6 +46,8 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from cifarlab import bench
 
     if not getattr(args, "bench", None):
@@ -60,11 +62,12 @@ def run(args) -> int:
         r = bench.bench_optimizer(args.model, args.device, args.repeats, opts, args.out)
         text = bench.format_optimizer(r)
     else:
-        from cifarlab.edropout_bench import bench_edropout, format_edropout
+        from cifarlab.edropout_bench import bench_edropout, format_result
 
-        r = bench_edropout(model=args.model, device=args.device, batch_size=args.batch_size, steps=args.steps,
-                           out_dir=args.out)
-        text = format_edropout(r)
+        r = bench_edropout(model=args.model, device=args.device, batch_size=args.batch_size, steps=args.steps)
+        r.update(bench="edropout", machine=bench.machine_label(torch.device(args.device)))
+        bench._save(r, args.out, f"edropout-{args.model}-{torch.device(args.device).type}")
+        text = format_result(r)
     import sys
 
     print(f"saved {r['saved_to']}", file=sys.stderr)
