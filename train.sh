@@ -2,7 +2,7 @@
 # The experiment grid: one CLI call per run into log/<group>/<run>/.
 #
 #   bash train.sh                      every group under grid/ (the seed's grid and the studies)
-#   GROUPS="all-200ep final-200ep" bash train.sh
+#   GRID_GROUPS="all-200ep final-200ep" bash train.sh   (or: env GROUPS="..." bash train.sh)
 #   GPUS="0 1 2 3" bash train.sh       one job per GPU in parallel
 #   DRY_RUN=1 bash train.sh            print the commands only
 #   EPOCHS=5 DATASET=fashion bash train.sh   override every run's epochs / dataset
@@ -17,8 +17,12 @@ PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 LOG=${LOG:-log}
 GRID_DIR=${GRID_DIR:-grid}
-if [ -z "${GROUPS:-}" ]; then
-  GROUPS=$(for f in "$GRID_DIR"/*.txt; do basename "$f" .txt; done | tr '\n' ' ')
+# GROUPS is a special variable in bash (the user's group ids): bash drops `GROUPS=x` typed at
+# its prompt and shadows an inherited one, so read GRID_GROUPS, else GROUPS from the environment
+# this process was started with (`env GROUPS=... bash train.sh`, or from zsh/sh).
+SELECTED=${GRID_GROUPS:-$(tr '\0' '\n' < /proc/$$/environ 2>/dev/null | sed -n 's/^GROUPS=//p')}
+if [ -z "$SELECTED" ]; then
+  SELECTED=$(for f in "$GRID_DIR"/*.txt; do basename "$f" .txt; done | tr '\n' ' ')
 fi
 read -r -a GPU_LIST <<< "${GPUS:-}"
 
@@ -27,7 +31,7 @@ is_finished() {
 }
 
 commands=()
-for group in $GROUPS; do
+for group in $SELECTED; do
   file="$GRID_DIR/$group.txt"
   if [ ! -f "$file" ]; then
     echo "error: no grid file $file (groups: $(ls "$GRID_DIR" | sed 's/\.txt$//' | tr '\n' ' '))" >&2

@@ -53,7 +53,7 @@ def _grid(tmp_path, text):
 
 
 def run_train_sh(tmp_path, grid, **env):
-    full = {**os.environ, "GRID_DIR": str(grid), "LOG": str(tmp_path / "log"), "GROUPS": "g", **env}
+    full = {**os.environ, "GRID_DIR": str(grid), "LOG": str(tmp_path / "log"), "GRID_GROUPS": "g", **env}
     return subprocess.run(["bash", str(REPO / "train.sh")], cwd=REPO, env=full, capture_output=True, text=True)
 
 
@@ -76,7 +76,7 @@ def test_train_sh_dry_run_skips_finished_and_resumes_unfinished(tmp_path):
 
 def test_train_sh_unknown_group(tmp_path):
     grid = _grid(tmp_path, "a train --model lenet5\n")
-    r = run_train_sh(tmp_path, grid, GROUPS="nope", DRY_RUN="1")
+    r = run_train_sh(tmp_path, grid, GRID_GROUPS="nope", DRY_RUN="1")
     assert r.returncode == 2 and r.stderr.startswith("error: no grid file")
 
 
@@ -91,3 +91,15 @@ def test_every_grid_line_parses_with_its_command():
                 continue
             name, cmd, *args = line.split()
             parser.parse_args([cmd, *args, "--run-dir", f"/tmp/x/{name}"])
+
+
+def test_train_sh_reads_groups_from_the_environment(tmp_path):
+    """bash shadows GROUPS; train.sh still honours one passed in its environment (env GROUPS=...)."""
+    grid = _grid(tmp_path, "a train --model lenet5\n")
+    (grid / "other.txt").write_text("z train --model resnet20\n")
+    env = {k: v for k, v in os.environ.items() if k != "GRID_GROUPS"}
+    r = subprocess.run(["bash", str(REPO / "train.sh")], cwd=REPO, capture_output=True, text=True,
+                       env={**env, "GRID_DIR": str(grid), "LOG": str(tmp_path / "log"), "GROUPS": "other",
+                            "DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "--model resnet20" in r.stdout and "--model lenet5" not in r.stdout

@@ -38,7 +38,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def default_milestones(cfg) -> list[int]:
-    return list(cfg.milestones) or [int(cfg.epochs * 0.5), int(cfg.epochs * 0.75)]
+    # at least epoch 1, so a 1-epoch run trains at the initial rate
+    return list(cfg.milestones) or [max(1, int(cfg.epochs * 0.5)), max(1, int(cfg.epochs * 0.75))]
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer):

@@ -10,10 +10,12 @@ from cifarlab.models.registry import _MODELS
 
 
 def model_from_config(cfg, num_classes: int, in_channels: int) -> nn.Module:
-    if cfg.net_type:  # the structural-dropout networks of Cai et al., built from conv_block
-        from cifarlab.models.dropout_nets import model_from_config as dropout_model
+    # the structural-dropout networks of Cai et al. (--net-type or --model <net>_drop)
+    from cifarlab.models.dropout_nets import model_from_config as dropout_model
 
-        return dropout_model(cfg, num_classes, in_channels)
+    net = dropout_model(cfg, num_classes, in_channels)
+    if net is not None:
+        return net
     kwargs = dict(cfg.model_kwargs or {})
     if cfg.activation is not None:
         builder = _MODELS.get(cfg.model.lower())
