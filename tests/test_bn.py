@@ -391,3 +391,23 @@ def test_report_section_states_the_comparison(study_dir, tmp_path):
         assert verdict in md  # the three verdicts, with numbers
     assert "1e+30 (step" in md  # the diverged rate is named in the table
     assert md == bn_section(log_root, tmp_path / "img")  # deterministic
+
+
+def test_report_section_tables_the_probe_overhead(tmp_path):
+    """Training runs with probes are listed with the timer's overhead and the epoch time of their twin."""
+    import yaml
+
+    from cifarlab.report.section_bn import bn_section
+
+    for name, k, t in (("k50", 50, 110.0), ("k0", 0, 100.0)):
+        d = tmp_path / "log" / "bn" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"model": "m", "dataset": "fashion", "probe_interval": k,
+                                                       "run_dir": str(d)}))
+        summary = {"model": "m", "finished": True, "train_images": 640}
+        if k:
+            summary.update(probe_overhead_pct=7.25, probe_count=3)
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "metrics.csv").write_text(f"epoch,epoch_time_s\n1,{t}\n")
+    md = bn_section(tmp_path / "log", tmp_path / "img")
+    assert "| bn/k50 | m | fashion | 640 | 50 | 3 | 7.25% | 110.0s vs 100.0s (+10.0%, k0) |" in md

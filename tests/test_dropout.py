@@ -445,6 +445,9 @@ def test_report_section_tables_and_figure(tmp_path):
     # per run: the last epoch's variance ratios (first, middle, last)
     assert ("| b0-channel-0.1 | preresnet-11 arg1=1 base_width=8 | bn | 0 | channel | 0.10 | — | — | 11.25 | "
             "0.910 | 0.810 | 0.710 | 2 |") in md
+    # last epoch, mean of first/middle/last: (1 + 0.99 + 0.96) / 3, (0.91 + 0.81 + 0.71) / 3, (0.96 + 0.92 + 0.875) / 3
+    assert "- block type 0: none 0.983, channel 0.1 0.810" in md
+    assert "- block type 2: layer 0.1 0.918" in md
     assert f"img/{FIGURE}" in md and (img / FIGURE).is_file()
     first = (img / FIGURE).read_bytes()
     assert dropout_section(log, img) == md and (img / FIGURE).read_bytes() == first  # deterministic

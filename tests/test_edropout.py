@@ -159,7 +159,7 @@ def test_convergence_ring():
     rep, hist = S.convergence_step(hist, torch.tensor(3.0))
     assert rep  # 3.0 is among the previous best costs
     for v in range(10, 19):  # push 3.0 out of the last 9
-        S_rep, hist = S.convergence_step(hist, torch.tensor(float(v)))
+        _, hist = S.convergence_step(hist, torch.tensor(float(v)))
     assert not S.convergence_step(hist, torch.tensor(3.0))[0]
 
 
@@ -236,24 +236,28 @@ def test_full_mode_equals_the_unmasked_model():
     assert "forward" not in net.bn1.__dict__
 
 
-def test_batched_candidate_scoring_equals_one_forward_per_candidate():
-    net = tiny().train()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_candidate_scoring_equals_one_masked_forward_per_candidate(mode):
+    net = getattr(tiny(), mode)()
     cb = EDropout(states=4, seed=1, export=False)
     cb.setup(net, "cpu")
+    # conv2 reads relu(bn1(conv1)); down and conv3 read a residual sum (no single writer)
+    assert [l.input_from for l in cb.masks.layers] == [None, "conv1", None, None, None]
     x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 5, (5,))
     pop = S.init_population(4, 26, 0.5, torch.Generator().manual_seed(2))
-    before = [b.clone() for b in net.buffers()]
-    batched = cb.score(net, pop, x, y)
-    after = [b.clone() for b in net.buffers()]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))  # scoring leaves BN stats alone
+    pop[1, 0:4] = False  # a layer with every filter dropped (the probe falls back to masking)
     ref = []
-    for s in pop:  # a separate masked training-mode forward per candidate
+    for s in pop:  # a separate masked forward per candidate (in train mode it updates BN stats)
         cb.masks.set_state(s)
         with torch.no_grad():
             ref.append(S.margin_energy(net(x), y))
-    assert torch.allclose(batched, torch.stack(ref), atol=1e-5)
-    cb.chunk = 1
-    assert torch.allclose(cb.score(net, pop, x, y), batched, atol=1e-5)
+    ref = torch.stack(ref)
+    before = [b.clone() for b in net.buffers()]
+    for probe, chunk in ((False, None), (False, 1), (True, None)):  # stacked, stacked 1 by 1, probe
+        cb.probe, cb.chunk = probe, chunk
+        assert torch.allclose(cb.score(net, pop, x, y), ref, atol=1e-5), (probe, chunk)
+    # scoring leaves the BN statistics alone
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers()))
 
 
 def test_dropped_weights_survive_masked_steps_and_revive():
@@ -416,8 +420,8 @@ def test_config_recipe_and_random_keep():
 # --- through the Trainer --------------------------------------------------------------------------
 
 def edropout_config(tmp_path, name="run", **kw):
-    base = dict(model="cifar_resnet", model_kwargs={"depth": 8}, dataset="synthetic", train_subset=96,
-                test_subset=64, batch_size=32, eval_batch_size=64, device="cpu", progress="off",
+    base = dict(model="cifar_resnet", model_kwargs={"depth": 8}, dataset="synthetic:3x16x16", train_subset=64,
+                val_fraction=0.02, test_subset=64, batch_size=32, eval_batch_size=128, device="cpu", progress="off",
                 recipe="edropout", epochs=2, edropout_states=4, edropout_freeze_epoch=2,
                 run_dir=str(tmp_path / name))
     base.update(kw)
@@ -450,10 +454,12 @@ def test_trainer_resume_matches_an_uninterrupted_run(tmp_path):
     from cifarlab.config import replace
     from cifarlab.train import Trainer
 
-    full = Trainer(edropout_config(tmp_path, "full", edropout_freeze_epoch=1)).fit()
-    Trainer(edropout_config(tmp_path, "cut", epochs=1, edropout_freeze_epoch=1)).fit()
+    # epoch 1 searches; the resumed epoch 2 continues the search from the checkpoint (population,
+    # costs, generator) until it freezes
+    full = Trainer(edropout_config(tmp_path, "full")).fit()
+    Trainer(edropout_config(tmp_path, "cut", epochs=1)).fit()
     (tmp_path / "cut" / "summary.json").unlink()  # as if killed after epoch 1's checkpoint
-    resumed = Trainer(replace(edropout_config(tmp_path, "cut", edropout_freeze_epoch=1), resume=True)).fit()
+    resumed = Trainer(replace(edropout_config(tmp_path, "cut"), resume=True)).fit()
     a = pd.read_csv(tmp_path / "full" / "metrics.csv").drop(columns=["epoch_time_s", "images_per_s"])
     b = pd.read_csv(tmp_path / "cut" / "metrics.csv").drop(columns=["epoch_time_s", "images_per_s"])
     pd.testing.assert_frame_equal(a, b)
@@ -467,3 +473,42 @@ def test_random_mask_baseline_keeps_its_fraction(tmp_path):
     s = Trainer(edropout_config(tmp_path, epochs=1, edropout_random_keep=0.25)).fit()
     assert s["edropout_mode"] == "random" and s["edropout_frozen_epoch"] == 0
     assert s["units_kept"] == round(0.25 * s["edropout_units"])
+
+
+# --- the report section ---------------------------------------------------------------------------
+
+def fake_run(root, name, summary, config, metrics=None):
+    import yaml
+
+    d = root / "edropout" / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"model": "resnet20", "dataset": "fashion", "epochs": 4,
+                                                "train_images": 1200, "finished": True, "device": "cpu",
+                                                **summary}))
+    (d / "config.yaml").write_text(yaml.safe_dump({"model": "resnet20", "epochs": 4, **config}))
+    rows = metrics or [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]
+    pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
+
+
+def test_report_section_builds_the_paper_table(tmp_path):
+    from cifarlab.report.section_edropout import edropout_section
+
+    log = tmp_path / "log"
+    assert edropout_section(log, tmp_path / "img") is None
+    fake_run(log, "original", {"test_acc": 0.80}, {"edropout": False})
+    fake_run(log, "edropout", {"test_acc": 0.78, "test_acc_P": 0.78, "test_acc_F": 0.7512, "params_kept_pct": 41.234,
+                               "edropout_mode": "search", "units_kept_pct": 55.0, "edropout_frozen_epoch": 3},
+             {"edropout": True}, [{"epoch": 1, "val_acc": 0.5, "val_acc_F": 0.4, "units_kept_pct": 50.0,
+                                   "params_kept_pct": 40.0}])
+    for keep, acc in ((0.25, 0.61), (0.5, 0.70), (0.75, 0.74)):
+        fake_run(log, f"random{int(keep * 100)}", {"test_acc": acc, "edropout_mode": "random",
+                                                   "edropout_random_keep": keep, "params_kept_pct": 30.0},
+                 {"edropout": True, "edropout_random_keep": keep})
+    md = edropout_section(log, tmp_path / "img")
+    row = next(line for line in md.splitlines() if line.startswith("| resnet20"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["resnet20", "fashion", "4", "1,200", "80.00", "75.12", "78.00", "41.23",
+                     "61.00 (30.0)", "70.00 (30.0)", "74.00 (30.0)"]
+    assert (tmp_path / "img" / "edropout.png").is_file()
+    png = (tmp_path / "img" / "edropout.png").read_bytes()
+    assert edropout_section(log, tmp_path / "img") == md and (tmp_path / "img" / "edropout.png").read_bytes() == png

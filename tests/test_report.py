@@ -37,6 +37,7 @@ def make_run(path: Path, model="resnet18", epochs=4, done=4, finished=True, dive
                    "test_error": test_error, "wall_time_s": wall, "diverged": diverged,
                    "finished": True, "device": "cpu", "train_images": 5000}
         (path / "summary.json").write_text(json.dumps(summary))
+    plot_run_curves(path)  # as the Trainer does every few epochs
     return path
 
 
@@ -93,11 +94,12 @@ def test_table_numbers_markers_and_links(logs, tmp_path):
     assert row["epochs"] == "4/4"
     assert row["wall time"] == "2m03s"
     assert row["status"] == "finished"
-    # links are relative to README.md and point at copies that exist
+    # links are relative to README.md and point at the run's own files
+    assert row["log"] == "[log](../log/all-200ep/resnet18/log.txt)"
+    assert row["curves"] == "[img](../log/all-200ep/resnet18/curves.png)"
     for cell in (row["log"], row["curves"]):
         target = re.fullmatch(r"\[\w+\]\((.+)\)", cell).group(1)
-        assert not target.startswith("/") and (out / target).is_file()
-    assert (out / "runs/all-200ep/resnet18/log.txt").read_text() == "# resnet18\n"
+        assert (out / target).is_file()
 
     dla = dict(zip(cols, table_row(readme, "dla")))
     assert dla["#params"] == "16.29M" and dla["error (%)"] == "5.02" and dla["wall time"] == "1h02m"
@@ -124,15 +126,19 @@ def test_build_is_deterministic(logs, tmp_path):
     assert images and images == {p.name: p.read_bytes() for p in (out / "img").glob("*.png")}
 
 
-def test_removed_run_disappears_from_copies(logs, tmp_path):
+def test_removed_run_disappears_and_missing_curves_are_plotted(logs, tmp_path):
     out = tmp_path / "report"
-    build_report(logs, out)
-    assert (out / "runs/all-200ep/dla").is_dir()
+    assert "| dla |" in build_report(logs, out).read_text()
     import shutil
 
     shutil.rmtree(logs / "all-200ep" / "dla")
+    (logs / "all-200ep" / "resnet18" / "curves.png").unlink(missing_ok=True)
     readme = build_report(logs, out).read_text()
-    assert "| dla |" not in readme and not (out / "runs/all-200ep/dla").exists()
+    assert "| dla |" not in readme
+    row = dict(zip(header(readme), table_row(readme, "resnet18")))
+    assert row["curves"] == "[img](img/curves-all-200ep-resnet18.png)"  # plotted from metrics.csv
+    assert (out / "img" / "curves-all-200ep-resnet18.png").is_file()
+    assert not (logs / "all-200ep" / "resnet18" / "curves.png").exists()  # the report writes no logs
 
 
 def test_no_runs_is_one_clear_error(tmp_path, capsys):

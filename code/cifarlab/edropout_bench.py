@@ -28,7 +28,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int = 128, steps: int = 3,
                    warmup: int = 1, states: int = 8, image_size: int = 32, in_channels: int = 3,
-                   num_classes: int = 10, chunk: int | None = None, amp: str = "auto",
+                   num_classes: int = 10, chunk: int | None = None, probe: bool | None = None, amp: str = "auto",
                    channels_last: str = "auto", seed: int = 0) -> dict:
     """Median seconds per training step (plain / EDropout search / EDropout frozen) and the ratios."""
     from cifarlab.config import make_config
@@ -57,7 +57,7 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
     trainer = SimpleNamespace(cfg=cfg, model=net, train_model=net, optimizer=opt, device=dev, epoch=1,
                               global_step=0, autocast=autocast, loss_fn=lambda z, t: F.cross_entropy(z, t),
                               rundir=None, run_dir=None, is_main=True)
-    search = EDropout(states=states, freeze_epoch=10**9, chunk=chunk, seed=seed, export=False)
+    search = EDropout(states=states, freeze_epoch=10**9, chunk=chunk, probe=probe, seed=seed, export=False)
     search.setup(net, dev)
     frozen = EDropout(states=states, freeze_epoch=10**9, seed=seed, export=False)
     frozen.setup(net, dev)
@@ -103,10 +103,13 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
         for k, cb in variants.items():
             times[k].append(timed(cb))
     search.masks.remove()
+    probing = probe if probe is not None else dev.type == "cpu"
+    scoring = "probe (one forward per candidate, kept filters only)" if probing else \
+        f"stacked ({chunk or states} candidates per forward)"
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "model": model, "device": str(dev), "batch_size": batch_size, "states": states, "steps": steps,
-        "units": search.masks.size, "chunk": chunk or states, "bf16": use_bf16, "channels_last": use_cl,
+        "units": search.masks.size, "scoring": scoring, "bf16": use_bf16, "channels_last": use_cl,
         "plain_step_s": med["plain"], "search_step_s": med["search"], "frozen_step_s": med["frozen"],
         "search_ratio": med["search"] / med["plain"], "frozen_ratio": med["frozen"] / med["plain"],
         "threads": torch.get_num_threads(),
@@ -115,7 +118,7 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
 
 def format_result(r: dict) -> str:
     return (f"EDropout bench: {r['model']} on {r['device']}, batch {r['batch_size']}, {r['states']} states "
-            f"({r['units']} units, {r['chunk']} per scoring forward), {r['steps']} timed steps per variant\n"
+            f"({r['units']} units; scoring: {r['scoring']}), {r['steps']} timed steps per variant\n"
             f"  plain step   {r['plain_step_s'] * 1e3:9.1f} ms\n"
             f"  search step  {r['search_step_s'] * 1e3:9.1f} ms   {r['search_ratio']:.2f}x plain (target <= 4x)\n"
             f"  frozen step  {r['frozen_step_s'] * 1e3:9.1f} ms   {r['frozen_ratio']:.2f}x plain (target <= 1.1x)")

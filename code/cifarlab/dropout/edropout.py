@@ -10,6 +10,10 @@ Per training step, during the search phase:
      and momentum would still move them inside ``optimizer.step``, their values from before the
      step are put back after it. They are used again as soon as their bit returns.
 The first step of a run scores the initial population itself (Bernoulli(p0)) instead of trials.
+A cost stays with its state: a parent is not re-scored on later batches (one scoring forward
+per candidate per step, as in the reference). This is what lets the freeze rule see exact
+repeats, and it also means that a state which scored well on an easy batch keeps its low cost,
+so the best state tends to settle early.
 
 Early convergence: from ``edropout_freeze_epoch`` on, the state freezes the first time the best
 cost repeats one of the previous 9 best costs; from then on every step trains the frozen
@@ -51,12 +55,15 @@ def _dist_world() -> int:
 class EDropout(Callback):
     def __init__(self, states: int = 8, freeze_epoch: int = 100, p0: float = 0.5, mutation: str = "original",
                  random_keep: float | None = None, seed: int = 0, chunk: int | None = None,
-                 export: bool = True):
+                 probe: bool | None = None, export: bool = True):
         if mutation not in S.MUTATION_RULES:
             raise ValueError(f"unknown mutation rule {mutation!r}")
         self.ns, self.freeze_epoch, self.p0, self.mutation = states, freeze_epoch, p0, mutation
         self.random_keep, self.seed, self.export = random_keep, seed, export
-        self.chunk = chunk  # candidates per scoring forward; None = all NS at once
+        # how candidates are scored (UnitMasks): one forward per candidate computing only its
+        # kept filters ("probe"; default on CPU), or stacked populations of ``chunk`` candidates
+        # per forward (default on GPU, chunk None = all NS at once)
+        self.probe, self.chunk = probe, chunk
         self.masks: UnitMasks | None = None
         self._pending: dict | None = None
         self._eval_full = False  # evaluate with every unit on (EDropout F)
@@ -110,6 +117,13 @@ class EDropout(Callback):
     def score(self, model, pop: torch.Tensor, x: torch.Tensor, y: torch.Tensor, autocast=None) -> torch.Tensor:
         """Margin energy of each state of ``pop`` on the batch (x, y): ``(NS,)``, on the device."""
         ns, b = pop.shape[0], x.shape[0]
+        probe = self.probe if self.probe is not None else x.device.type == "cpu"
+        if probe:
+            costs = []
+            for s in pop:
+                with self.masks.probe(s), (autocast() if autocast else contextlib.nullcontext()):
+                    costs.append(S.margin_energy(model(x), y))
+            return self._reduce(torch.stack(costs))
         chunk = self.chunk or ns
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         costs = []
@@ -121,7 +135,10 @@ class EDropout(Callback):
             with self.masks.population(p), (autocast() if autocast else contextlib.nullcontext()):
                 logits = model(xx)
             costs.append(S.margin_energy(logits.reshape(p.shape[0], b, -1), y))
-        costs = torch.cat(costs)
+        return self._reduce(torch.cat(costs))
+
+    @staticmethod
+    def _reduce(costs: torch.Tensor) -> torch.Tensor:
         world = _dist_world()
         if world > 1:  # every rank must evolve the same population: average the ranks' costs
             dist.all_reduce(costs)

@@ -19,6 +19,11 @@ stacks G copies of the batch (G*B samples) and every masked layer applies candid
 samples [g*B, (g+1)*B). BatchNorm then normalises each candidate's block with its own batch
 statistics and does not touch the running statistics, so the result equals G separate masked
 training-mode forwards (a test checks this) without side effects on the model.
+Probe mode (``UnitMasks.probe``) scores one state per forward computing only its kept filters
+(and, where a conv reads a unit layer's output through ReLU-like ops, only the kept input
+channels); measured on a 2-core CPU, ResNet-20, batch 128, 8 candidates: stacked 8x128 batch
+23-28 s, stacked one by one 17.9 s, probe 8.8 s (one plain no-grad forward: 1.45 s). The
+callback probes on CPU and stacks on GPU.
 
 The masks are installed as per-instance ``forward`` overrides (no parametrizations, so
 state_dict keys, optimizer parameter identity and checkpoints are those of the plain model).
@@ -50,20 +55,32 @@ class UnitLayer:
     bn_name: str | None
     offset: int
     size: int
+    # the unit layer whose masked output reaches this conv's input through zero-preserving ops
+    # only (ReLU-like activations, pooling): its dropped channels are exact zeros here
+    input_from: str | None = None
 
     @property
     def slice(self) -> slice:
         return slice(self.offset, self.offset + self.size)
 
 
-def _conv_bn_pairs_fx(model: nn.Module) -> dict[str, str] | None:
-    """conv name -> name of the BN that is the conv output's only consumer (torch.fx graph)."""
+# f(0) = 0 per channel: a channel that is exactly zero stays exactly zero through these
+_ZERO_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Identity,
+                         nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout)
+_ZERO_KEEPING_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
+                           F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout)
+
+
+def _analyse_fx(model: nn.Module):
+    """From a torch.fx trace: (conv -> the BN that is its output's only consumer,
+    conv -> the module whose output reaches the conv's input through zero-keeping ops only).
+    None when the model cannot be traced."""
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # data-dependent control flow: fall back to module order
         return None
     mods = dict(model.named_modules())
-    pairs = {}
+    pairs, source = {}, {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), _CONV):
             continue
@@ -71,7 +88,17 @@ def _conv_bn_pairs_fx(model: nn.Module) -> dict[str, str] | None:
         if len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), _BN):
             if mods[users[0].target].num_features == mods[node.target].out_channels:
                 pairs[node.target] = users[0].target
-    return pairs
+        arg = node.args[0] if node.args else None
+        while isinstance(arg, torch.fx.Node) and arg.args:
+            zero_keeping = ((arg.op == "call_module" and isinstance(mods.get(arg.target), _ZERO_KEEPING_MODULES))
+                            or (arg.op == "call_function" and arg.target in _ZERO_KEEPING_FUNCTIONS)
+                            or (arg.op == "call_method" and arg.target in ("relu", "relu_")))
+            if not zero_keeping:
+                break
+            arg = arg.args[0]
+        if isinstance(arg, torch.fx.Node) and arg.op == "call_module":
+            source[node.target] = arg.target
+    return pairs, source
 
 
 def _conv_bn_pairs_order(model: nn.Module) -> dict[str, str]:
@@ -86,9 +113,8 @@ def _conv_bn_pairs_order(model: nn.Module) -> dict[str, str]:
 
 def find_units(model: nn.Module) -> list[UnitLayer]:
     """The prunable units of ``model``, in module order: conv filters (+BN), then the classifier's inputs."""
-    pairs = _conv_bn_pairs_fx(model)
-    if pairs is None:
-        pairs = _conv_bn_pairs_order(model)
+    traced = _analyse_fx(model)
+    pairs, source = traced if traced is not None else (_conv_bn_pairs_order(model), {})
     mods = dict(model.named_modules())
     layers: list[UnitLayer] = []
     offset = 0
@@ -98,6 +124,13 @@ def find_units(model: nn.Module) -> list[UnitLayer]:
             layers.append(UnitLayer(name, "conv", mod, mods[bn_name] if bn_name else None, bn_name,
                                     offset, mod.out_channels))
             offset += mod.out_channels
+    # a conv's input comes from a unit when the source module is a unit's BN, or a unit conv
+    # without BN (the masked output is that module's output)
+    writer = {l.bn_name if l.bn_name else l.name: l.name for l in layers}
+    for layer in layers:
+        src = source.get(layer.name)
+        if src in writer and layer.module.groups == 1:
+            layer.input_from = writer[src]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linears:
         name, fc = linears[-1]
@@ -148,12 +181,35 @@ def _grouped_bn(bn: nn.Module, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor
     return y.reshape(x.shape)
 
 
+def _bn_probe(bn: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """BatchNorm for scoring: batch statistics in training mode (running ones in eval mode),
+    never updating the running statistics."""
+    if bn.training or bn.running_mean is None:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+
+
+def _scatter_channels(y: torch.Tensor, kept: torch.Tensor, channels: int) -> torch.Tensor:
+    out = y.new_zeros(y.shape[0], channels, *y.shape[2:])
+    return out.index_copy_(1, kept, y)
+
+
 class UnitMasks:
     """Installs masking forwards on a model's unit layers and holds the current mask.
 
     ``set_state(state)`` masks every following forward with one bool state ``(D,)``;
     ``full()`` turns every unit on (exactly the plain model); ``population(pop)`` is a context in
-    which a forward of G stacked copies of a batch scores the G states of ``pop`` ``(G, D)``.
+    which a forward of G stacked copies of a batch scores the G states of ``pop`` ``(G, D)``;
+    ``probe(state)`` is a context in which a forward scores one state by computing only the kept
+    filters (conv on the kept outputs, and on the kept inputs where the input comes from a unit
+    layer through ReLU-like ops), scattering them back into full-width zero tensors.
+    Both scoring contexts leave the BN running statistics alone.
+
+    Which scoring is faster depends on the device: on a CPU the compute-bound convolutions shrink
+    with the dropped filters (about 1/4 of the FLOPs of the conv after a masked one at p0 = 0.5)
+    and a stacked batch of NS*B images falls out of the caches, so ``probe`` per candidate wins;
+    on a GPU the stacked population keeps the device busy without host synchronisation
+    (``probe`` needs the kept indices on the host).
     """
 
     def __init__(self, model: nn.Module, layers: list[UnitLayer] | None = None):
@@ -164,6 +220,7 @@ class UnitMasks:
         self.mask = torch.ones(self.size, device=dev)  # float, 1 = kept
         self._full = True
         self._group: torch.Tensor | None = None
+        self._kept: dict[str, torch.Tensor] | None = None  # probe mode: kept indices per layer
         self._installed: list[nn.Module] = []
 
     # -- state -----------------------------------------------------------------------------------
@@ -183,6 +240,20 @@ class UnitMasks:
         finally:
             self._group = None
 
+    @contextlib.contextmanager
+    def probe(self, state: torch.Tensor):
+        saved = (self.mask.clone(), self._full)
+        self.set_state(state)
+        idx = torch.arange(self.size, device=state.device)
+        self._kept = {layer.name: idx[layer.slice][state[layer.slice].to(torch.bool)] - layer.offset
+                      for layer in self.layers}
+        try:
+            yield self
+        finally:
+            self._kept = None
+            self.mask.copy_(saved[0])
+            self._full = saved[1]
+
     def layer_states(self, state: torch.Tensor) -> dict[str, torch.Tensor]:
         return {layer.name: state[layer.slice] for layer in self.layers}
 
@@ -191,9 +262,10 @@ class UnitMasks:
         if self._installed:
             return self
         for layer in self.layers:
-            target = layer.bn if layer.bn is not None else layer.module
-            target.forward = self._make_forward(layer, target)
-            self._installed.append(target)
+            targets = [layer.module] + ([layer.bn] if layer.bn is not None else [])
+            for target in targets:
+                target.forward = self._make_forward(layer, target)
+                self._installed.append(target)
         return self
 
     def remove(self) -> None:
@@ -201,39 +273,82 @@ class UnitMasks:
             mod.__dict__.pop("forward", None)
         self._installed = []
 
+    def _probe_outputs(self, layer: UnitLayer) -> bool:
+        """Can a probe compute only this conv's kept filters? (plain zero-padded ungrouped conv)"""
+        conv = layer.module
+        return (self._kept is not None and conv.groups == 1 and conv.padding_mode == "zeros"
+                and self._kept[layer.name].numel() > 0)
+
     def _make_forward(self, layer: UnitLayer, mod: nn.Module):
         sl = layer.slice
         cls_forward = type(mod).forward
         masks = self
 
-        if layer.bn is not None:
+        if layer.kind == "conv" and mod is layer.module:
+            conv = mod
+
             def forward(x):
+                if masks._kept is not None:
+                    if masks._probe_outputs(layer):
+                        kout = masks._kept[layer.name]
+                        w = conv.weight.index_select(0, kout)
+                        kin = masks._kept[layer.input_from] if layer.input_from is not None else None
+                        if kin is not None and kin.numel() > 0:  # the input's dropped channels are zeros: skip them
+                            x, w = x.index_select(1, kin), w.index_select(1, kin)
+                        b = None if conv.bias is None else conv.bias.index_select(0, kout)
+                        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, 1)
+                        # compact output: the BN (if any) normalises the kept channels, then scatters
+                        return y if layer.bn is not None else _scatter_channels(y, kout, conv.out_channels)
+                    if layer.bn is not None:
+                        return cls_forward(conv, x)
+                    m = masks.mask[sl]
+                    return conv._conv_forward(x, conv.weight * m[:, None, None, None],
+                                              None if conv.bias is None else conv.bias * m)
+                if layer.bn is not None or masks._full:
+                    return cls_forward(conv, x)
                 if masks._group is not None:
-                    return _grouped_bn(mod, x, masks._group[:, sl])
-                if masks._full:
-                    return cls_forward(mod, x)
-                return _bn_forward(mod, x, *_masked_affine(mod, masks.mask[sl]))
-        elif layer.kind == "conv":
-            def forward(x):
-                if masks._group is not None:
-                    y = cls_forward(mod, x)
+                    y = cls_forward(conv, x)
                     g = masks._group.shape[0]
                     m = masks._group[:, sl].to(y.dtype)
                     return (y.reshape(g, -1, *y.shape[1:]) * m[:, None, :, None, None]).reshape(y.shape)
-                if masks._full:
-                    return cls_forward(mod, x)
                 m = masks.mask[sl]
-                bias = None if mod.bias is None else mod.bias * m
-                return mod._conv_forward(x, mod.weight * m[:, None, None, None], bias)
-        else:  # classifier inputs
+                bias = None if conv.bias is None else conv.bias * m
+                return conv._conv_forward(x, conv.weight * m[:, None, None, None], bias)
+        elif layer.kind == "conv":  # the BN after a unit conv
+            bn = mod
+
             def forward(x):
+                if masks._kept is not None:
+                    if masks._probe_outputs(layer):
+                        kout = masks._kept[layer.name]
+                        w = None if bn.weight is None else bn.weight.index_select(0, kout)
+                        b = None if bn.bias is None else bn.bias.index_select(0, kout)
+                        if bn.training or bn.running_mean is None:
+                            y = F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
+                        else:
+                            y = F.batch_norm(x, bn.running_mean.index_select(0, kout),
+                                             bn.running_var.index_select(0, kout), w, b, False, 0.0, bn.eps)
+                        return _scatter_channels(y, kout, bn.num_features)
+                    return _bn_probe(bn, x, *_masked_affine(bn, masks.mask[sl]))
+                if masks._group is not None:
+                    return _grouped_bn(bn, x, masks._group[:, sl])
+                if masks._full:
+                    return cls_forward(bn, x)
+                return _bn_forward(bn, x, *_masked_affine(bn, masks.mask[sl]))
+        else:  # classifier inputs
+            fc = mod
+
+            def forward(x):
+                if masks._kept is not None:
+                    kin = masks._kept[layer.name]
+                    return F.linear(x.index_select(-1, kin), fc.weight.index_select(1, kin), fc.bias)
                 if masks._group is not None:
                     g = masks._group.shape[0]
                     m = masks._group[:, sl].to(x.dtype)
                     x = (x.reshape(g, -1, x.shape[-1]) * m[:, None, :]).reshape(x.shape)
                 elif not masks._full:
                     x = x * masks.mask[sl].to(x.dtype)
-                return cls_forward(mod, x)
+                return cls_forward(fc, x)
         forward._edropout = True  # marks an override (strip_overrides removes it from copies)
         return forward
 

@@ -102,7 +102,8 @@ class SLBI(Optimizer):
 
     Per parameter group: ``penalty`` in {"group", "elementwise", None, "auto"} (default
     "auto": by shape) and ``lam`` may be overridden. State per sparse parameter: ``z`` and
-    ``gamma`` (zero at construction), plus ``momentum_buffer`` once stepped.
+    ``gamma`` (zero at construction), plus ``momentum_buffer`` once stepped. ``compiled=True``
+    runs the sparse update through torch.compile (fused; same equations up to float rounding).
     """
 
     def __init__(self, params, lr: float, kappa: float = 1.0, mu: float = 100.0, lam: float = 1.0,

@@ -5,8 +5,8 @@ metrics.csv (DESIGN.md's contract); its group is the folder above it relative to
 (log/all-200ep/resnet18 -> group "all-200ep"). Finished, unfinished and diverged runs are all
 shown, so the report can be rebuilt while a grid is still running.
 
-Each run's log.txt and curves.png are copied next to the report (report/runs/<group>/<run>/)
-and linked from there: log/ is not committed, the report is, and its links must work.
+Each run's log.txt and curves.png are linked where they are (relative to README.md): those small
+files of log/ are committed with the report (checkpoints are not).
 
 Determinism: runs and groups are sorted by name, numbers have fixed formats, nothing depends
 on the clock, and figures are written by curves.save_figure (no software metadata), so two
@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,24 +217,15 @@ def slug(text: str) -> str:
 
 
 # -- the per-group table --------------------------------------------------------------------
-def publish_run_files(run: Run, out_dir: Path) -> dict[str, Path | None]:
-    """Copy log.txt and curves.png into out_dir/runs/<group>/<run>/ (curves re-plotted from
-    metrics.csv when the run has none yet); return the copies' paths."""
-    dest = out_dir / "runs" / Path(run.group) / run.name
-    out: dict[str, Path | None] = {"log": None, "curves": None}
-    src_log = run.path / "log.txt"
-    if src_log.is_file():
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src_log, dest / "log.txt")
-        out["log"] = dest / "log.txt"
-    src_curves = run.path / "curves.png"
-    if src_curves.is_file():
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src_curves, dest / "curves.png")
-        out["curves"] = dest / "curves.png"
-    elif run.metrics.get("epoch"):
-        out["curves"] = plot_run_curves(run.path, out=dest / "curves.png")
-    return out
+def run_files(run: Run, img_dir: Path) -> dict[str, Path | None]:
+    """The run's log.txt and curves.png (committed with log/, DESIGN.md); a run that has
+    metrics but no curves.png yet gets one plotted into img_dir instead."""
+    log = run.path / "log.txt"
+    curves = run.path / "curves.png"
+    if not curves.is_file() and run.metrics.get("epoch"):
+        curves = plot_run_curves(run.path, out=img_dir / f"curves-{slug(run.group)}-{slug(run.name)}.png")
+    return {"log": log if log.is_file() else None,
+            "curves": curves if curves is not None and curves.is_file() else None}
 
 
 def group_table(runs: list[Run], out_dir: Path, links: dict[str, dict[str, Path | None]] | None = None):
@@ -304,7 +294,7 @@ def group_figure(runs: list[Run], path: Path) -> Path | None:
 
 
 def render_group(group: str, runs: list[Run], out_dir: Path, img_dir: Path) -> str:
-    links = {str(r.path): publish_run_files(r, out_dir) for r in runs}
+    links = {str(r.path): run_files(r, img_dir) for r in runs}
     parts = [f"## Runs: {group}", "", group_caption(runs), ""]
     notes = runs[0].path.parent / "NOTES.md"  # a group's own description, e.g. the exact command
     if notes.is_file():
@@ -317,7 +307,7 @@ def render_group(group: str, runs: list[Run], out_dir: Path, img_dir: Path) -> s
 
 
 def build_report(log_root: str | Path = "log", out_dir: str | Path = "report") -> Path:
-    """Write <out_dir>/README.md (and img/, runs/) from the run directories under ``log_root``."""
+    """Write <out_dir>/README.md (and figures in img/) from the run directories under ``log_root``."""
     log_root, out_dir = Path(log_root), Path(out_dir)
     runs = find_runs(log_root)
     if not runs:
@@ -325,9 +315,6 @@ def build_report(log_root: str | Path = "log", out_dir: str | Path = "report") -
                             f"summary.json, config.yaml or metrics.csv)")
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    # runs/ holds only copies made by this function: rebuild it so removed runs disappear
-    if (out_dir / "runs").is_dir():
-        shutil.rmtree(out_dir / "runs")
     src = Path(os.path.relpath(log_root.resolve(), out_dir.resolve().parent)).as_posix()
     parts = ["# Results", "",
              f"Generated from the run directories under `{src}/` by "

@@ -94,10 +94,41 @@ def _one_study(run, img_dir: Path) -> str:
     return "\n\n".join(out)
 
 
+def _overhead(runs) -> str | None:
+    """Probe overhead of ordinary training runs with probes (config probe_interval > 0): the
+    callback's own timer, and the epoch time against a run that differs only in probe_interval."""
+    probed = [r for r in runs if not _is_study(r) and (r.config.get("probe_interval") or 0) > 0
+              and r.summary.get("probe_overhead_pct") is not None]
+    if not probed:
+        return None
+
+    def key(run):
+        return {k: v for k, v in run.config.items() if k not in ("probe_interval", "run_dir", "run_name", "resume")}
+
+    lines = ["Probe overhead (training runs with and without the probe callback; the timer measures the time "
+             "spent inside the probes against the rest of the epoch):", "",
+             "| run | model | dataset | train images | interval | probes | overhead (timer) | epoch time vs run without probes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in probed:
+        twin = next((o for o in runs if o is not r and (o.config.get("probe_interval") or 0) == 0
+                     and key(o) == key(r)), None)
+        ab = DASH
+        if twin is not None:
+            t1, t0 = sum(r.metrics.get("epoch_time_s", [])), sum(twin.metrics.get("epoch_time_s", []))
+            if t0 > 0:
+                ab = f"{t1:.1f}s vs {t0:.1f}s ({100 * (t1 / t0 - 1):+.1f}%, {twin.name})"
+        lines.append(f"| {r.group}/{r.name} | {r.model} | {r.dataset} | {r.summary.get('train_images', DASH)} | "
+                     f"{r.config.get('probe_interval')} | {r.summary.get('probe_count', DASH)} | "
+                     f"{_num(r.summary.get('probe_overhead_pct'), 3)}% | {ab} |")
+    return "\n".join(lines)
+
+
 @register_section("BatchNorm study", order=30)
 def bn_section(log_root: Path, img_dir: Path) -> str | None:
-    studies = [r for r in find_runs(log_root) if _is_study(r)]
-    if not studies:
+    runs = find_runs(log_root)
+    studies = [r for r in runs if _is_study(r)]
+    overhead = _overhead(runs)
+    if not studies and overhead is None:
         return None
     img_dir = Path(img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -106,4 +137,5 @@ def bn_section(log_root: Path, img_dir: Path) -> str | None:
              "rates. Probes (Santurkar et al. 2018) every K steps on the current batch, moving along the "
              "mini-batch gradient g: the loss L(w - eta g), gradient predictiveness "
              "||grad L(w) - grad L(w - eta g)|| and the effective beta-smoothness.")
-    return "\n\n".join([intro] + [_one_study(r, img_dir) for r in studies])
+    parts = [intro] + [_one_study(r, img_dir) for r in studies]
+    return "\n\n".join(parts + ([overhead] if overhead else []))

@@ -102,34 +102,56 @@ def run_table(runs: list[Run]):
 
 
 def variance_shift_figure(runs: list[Run], path: Path) -> Path | None:
-    """Three panels (first, middle, last tracked norm layer): eval/train input variance per epoch."""
+    """One row per block type, one column per tracked layer (first, middle, last norm layer after
+    dropout): eval/train ratio of the layer's input variance per epoch, one line per run."""
     from matplotlib.figure import Figure
 
     runs = [r for r in runs if r.metrics.get("epoch") and r.metrics.get("ratio_var_first")]
     if not runs:
         return None
-    fig = Figure(figsize=(11, 3.8))
-    axes = fig.subplots(1, 3, sharey=True)
-    styles = {0: "-", 1: "-.", 2: "--", 3: ":"}
+    block_types = sorted({setting(r)["block_type"] for r in runs})
     colors = {"none": "black", "neuron": "tab:blue", "channel": "tab:orange", "path": "tab:green",
               "layer": "tab:red"}
+    fig = Figure(figsize=(11, 1.0 + 2.8 * len(block_types)))
+    axes = fig.subplots(len(block_types), 3, sharey=True, squeeze=False)
     for run in runs:
         s = setting(run)
-        label = f"type {s['block_type']} {s['level']}" + (f" {s['rate']:g}" if s["level"] != "none" else "")
-        for ax, pos in zip(axes, POSITIONS):
+        label = s["level"] + (f" {s['rate']:g}" if s["level"] != "none" else "")
+        row = axes[block_types.index(s["block_type"])]
+        for ax, pos in zip(row, POSITIONS):
             ys = run.metrics.get(f"ratio_var_{pos}", [])
-            ax.plot(run.metrics["epoch"][: len(ys)], ys, styles.get(s["block_type"], "-"),
-                    color=colors.get(s["level"], "gray"), marker=".", label=label, alpha=0.85)
-    for ax, pos in zip(axes, POSITIONS):
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"{pos} norm layer after dropout", fontsize=9)
+            ax.plot(run.metrics["epoch"][: len(ys)], ys, color=colors.get(s["level"], "gray"), marker=".",
+                    label=label, alpha=0.85)
+    for bt, row in zip(block_types, axes):
+        for ax, pos in zip(row, POSITIONS):
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_title(f"block type {bt}: {pos} norm layer after dropout", fontsize=9)
+            integer_epochs(ax)
+            ax.grid(True, alpha=0.3)
+        row[0].set_ylabel("input variance, eval / train")
+        row[-1].legend(fontsize=7, loc="best")
+    for ax in axes[-1]:
         ax.set_xlabel("epoch")
-        integer_epochs(ax)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("input variance, eval / train")
-    axes[-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def shift_summary(runs: list[Run]) -> str:
+    """One line per block type: the last epoch's variance ratio, averaged over the three tracked
+    layers, for each level and rate (the no-dropout run is the reference)."""
+    lines = []
+    for bt in sorted({setting(r)["block_type"] for r in runs}):
+        parts = []
+        for run in runs:
+            s = setting(run)
+            vals = [_final(run, f"ratio_var_{pos}") for pos in POSITIONS]
+            if s["block_type"] != bt or any(v is None for v in vals):
+                continue
+            label = s["level"] + (f" {s['rate']:g}" if s["level"] != "none" else "")
+            parts.append(f"{label} {sum(vals) / len(vals):.3f}")
+        if parts:
+            lines.append(f"- block type {bt}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 @register_section("Structural dropout", order=60)
@@ -153,6 +175,9 @@ def dropout_section(log_root: Path, img_dir: Path) -> str | None:
         markdown_table(run_table(runs)),
         "",
     ]
+    summary = shift_summary(runs)
+    if summary:
+        parts += ["Variance ratio at the last epoch, mean of the three tracked layers:", "", summary, ""]
     fig = variance_shift_figure(runs, img_dir / FIGURE)
     if fig is not None:
         parts += [f"![variance shift](img/{FIGURE})", ""]

@@ -143,6 +143,11 @@ def edropout_section(log_root: Path, img_dir: Path) -> str | None:
         "*random NN%*: a fixed random state keeping NN% of the units from the first step "
         "(R in brackets).", "",
         markdown_table(paper_table(runs)), "",
+    ]
+    if min((r.epochs_planned or 0) for r in runs) < 50:
+        parts += ["Runs this short (single seed, small training subsets) demonstrate the mechanics; "
+                  "differences of several points between them are within run-to-run noise.", ""]
+    parts += [
         "Paper (Fashion-MNIST, 200 epochs, GPU): "
         + "; ".join(f"{m} {o:.2f} / {f:.2f} / {p:.2f} at R {r:.2f}%" for m, o, f, p, r in PAPER_FASHION)
         + " (original / F / P).", "",
