@@ -299,6 +299,16 @@ def test_loss_band_by_hand():
     assert np.isnan(everyone["min"][0]) and everyone["n_alive"][0] == 0
 
 
+def test_rates_without_progress_are_named():
+    from cifarlab.analysis.bn_figures import no_progress
+
+    steps = np.arange(20)
+    rows = [{"model": "m", "lr": 1e-3, "step": i, "loss": 2.30 + 0.01 * (i % 2)} for i in steps]  # flat
+    rows += [{"model": "m", "lr": 1e-4, "step": i, "loss": 2.30 - 0.05 * i} for i in steps]  # learns
+    rows += [{"model": "other", "lr": 1e-3, "step": i, "loss": 2.30} for i in steps]
+    assert no_progress(pd.DataFrame(rows), "m") == [1e-3]
+
+
 def test_speedup_measurement_reports_both_timings():
     batches = landscape_data()(1)
     sp = L.measure_speedup(Tiny, [1e-2, 1e-3], batches, seed=0, warmup=1)

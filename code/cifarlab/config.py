@@ -67,7 +67,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
     channels_last: str = "auto"  # auto (on GPU) | on | off
     compile: bool = False
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str = "auto"  # auto: reduce-overhead (CUDA graphs) on GPU, default on CPU
     eval_batch_size: int = 1024
     num_workers: int = 4  # only for DataLoader-path datasets (Flowers-102)
     # logging

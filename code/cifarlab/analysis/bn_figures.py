@@ -87,13 +87,32 @@ def probe_steps(probes: pd.DataFrame) -> pd.DataFrame:
                                      "grad_diff_max", "beta"])
     g = probes.groupby(["model", "step"], sort=True)
     out = g.agg(loss_min=("loss", "min"), loss_max=("loss", "max"), grad_diff_min=("grad_diff", "min"),
-                grad_diff_max=("grad_diff", "max"), beta=("ratio", "max")).reset_index()
+                grad_diff_max=("grad_diff", "max"), beta=("ratio", "max"),
+                **({"grad_norm": ("grad_norm", "first")} if "grad_norm" in probes else {})).reset_index()
     return out
 
 
 # -- numbers ---------------------------------------------------------------------------------------
-def landscape_stats(band: pd.DataFrame, runs: pd.DataFrame) -> dict[str, dict]:
-    """Per model: mean and median band width (steps with >= 2 models alive), final band, divergences."""
+def no_progress(losses: pd.DataFrame, model: str, tol: float = 0.02) -> list[float]:
+    """Rates of ``model`` whose loss over the last 10% of their steps is still within ``tol``
+    (relative) of their step-0 loss, or above it: rates that did not train. A band over rates that
+    all fail alike is narrow without the landscape being smooth, so the report names them."""
+    out = []
+    for lr, g in losses[losses["model"] == model].groupby("lr", sort=True):
+        g = g.sort_values("step")
+        vals = g["loss"].to_numpy(float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) < 2:
+            continue
+        tail = vals[-max(1, len(vals) // 10):].mean()
+        if tail >= (1 - tol) * vals[0]:
+            out.append(float(lr))
+    return out
+
+
+def landscape_stats(band: pd.DataFrame, runs: pd.DataFrame, losses: pd.DataFrame | None = None) -> dict[str, dict]:
+    """Per model: mean and median band width (steps with >= 2 models alive), final band, divergences,
+    and (given the per-step losses) the rates that made no progress."""
     out = {}
     for model, b in band.groupby("model", sort=True):
         ok = b[b["n_alive"] >= 2]
@@ -108,6 +127,7 @@ def landscape_stats(band: pd.DataFrame, runs: pd.DataFrame) -> dict[str, dict]:
             "steps": int(len(b)),
             "lrs": [float(v) for v in r["lr"]],
             "diverged": [(float(lr), int(s)) for lr, s in zip(div["lr"], div["diverged_step"])],
+            "no_progress": no_progress(losses, model) if losses is not None else [],
         }
     return out
 
@@ -126,6 +146,7 @@ def probe_stats(probes: pd.DataFrame) -> dict[str, dict]:
             "loss_spread_mean": float((s["loss_max"] - s["loss_min"]).mean()),
             "grad_diff_max_mean": float(s["grad_diff_max"].mean()),
             "grad_diff_spread_mean": float((s["grad_diff_max"] - s["grad_diff_min"]).mean()),
+            "grad_norm_median": float(s["grad_norm"].median()) if "grad_norm" in s else math.nan,
         }
     return out
 
@@ -169,6 +190,12 @@ def comparison_lines(land: dict[str, dict], probe: dict[str, dict]) -> list[str]
                 note = (" (diverged rates are excluded from the band after they diverge: "
                         + "; ".join(f"{m}: " + ", ".join(f"lr {lr:g} at step {s}" for lr, s in land[m]["diverged"])
                                     for m in (plain, bn) if land[m]["diverged"]) + ")")
+            stuck = "; ".join(f"{m}: lr " + ", ".join(f"{lr:g}" for lr in land[m]["no_progress"])
+                              for m in (plain, bn) if land[m].get("no_progress"))
+            if stuck:
+                note += (f". Rates that did not leave their initial loss (last 10% of the steps within 2% of "
+                         f"step 0): {stuck}; a band over rates that fail alike is narrow without the "
+                         f"landscape being smooth")
             verdict += "" if verdict in ("as wide as", "not comparable (missing values)") else " than"
             lines.append(f"Loss landscape: the band of **{bn}** is **{verdict}** that of {plain}: "
                          f"mean width (max - min training loss over the rates, per step) "
@@ -182,7 +209,9 @@ def comparison_lines(land: dict[str, dict], probe: dict[str, dict]) -> list[str]
             lines.append(f"Effective beta-smoothness: the beta of **{bn}** is **{verdict}** that of "
                          f"{plain}: median over probed steps {_g(b['beta_median'])} vs {_g(a['beta_median'])} "
                          f"(mean {_g(b['beta_mean'])} vs {_g(a['beta_mean'])}; {b['probes']} and "
-                         f"{a['probes']} probes).")
+                         f"{a['probes']} probes; median gradient norm ||g|| {_g(b.get('grad_norm_median'))} vs "
+                         f"{_g(a.get('grad_norm_median'))}, so the same step sizes eta move the two networks "
+                         f"by different distances ||eta g||).")
             verdict = _verdict(b["grad_diff_max_mean"], a["grad_diff_max_mean"], "more", "NOT more", "equally")
             lines.append(f"Gradient predictiveness: gradients of **{bn}** are **{verdict}** predictive: mean "
                          f"over probes of the largest ||grad L(w) - grad L(w - eta g)|| "

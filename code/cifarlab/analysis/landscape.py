@@ -27,7 +27,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -152,7 +152,6 @@ class LandscapeRun:
     diverged_step: list[int | None]
     wall_time_s: float
     concurrent: bool
-    extra: dict = field(default_factory=dict)
 
 
 def _first_bad(block: torch.Tensor) -> list[int | None]:
@@ -221,7 +220,7 @@ def train_landscape(name: str, build: Callable[[], nn.Module], lrs: Sequence[flo
                 return
             block = torch.stack(pending)  # [k, A]: one host read per check
             start = len(step_epochs) - len(pending)
-            for j, (orig, col, bad) in enumerate(zip(alive, block.T.cpu().tolist(), _first_bad(block))):
+            for orig, col, bad in zip(alive, block.T.cpu().tolist(), _first_bad(block)):
                 if diverged[orig] is not None:
                     continue
                 if bad is not None:
@@ -257,7 +256,7 @@ def train_landscape(name: str, build: Callable[[], nn.Module], lrs: Sequence[flo
                 progress(f"{name}: lr {lr:g} done ({len(columns[i])} steps), {time.perf_counter() - t0:.1f}s")
             models[i] = None  # free its memory before the next one
             del trainer, model
-    if device != "cpu" and torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     steps = len(step_epochs)

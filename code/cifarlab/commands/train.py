@@ -1,7 +1,7 @@
 """`python -m cifarlab train`: one training run into a run directory."""
 from __future__ import annotations
 
-import json
+import os
 
 from cifarlab.cli import add_config_arguments, config_from_args
 from cifarlab.config import load_yaml
@@ -60,6 +60,8 @@ def run(args) -> int:
 
     cfg = resume_config(args) if args.resume else config_from_args(args)
     summary = Trainer(cfg).fit()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     run_dir = cfg.resolved_run_dir()
     if summary.get("diverged"):
         print(f"diverged (non-finite loss) after {summary['epochs_completed']} epochs; run directory: {run_dir}")

@@ -186,7 +186,7 @@ class SLBI(Optimizer):
                 and all("momentum_buffer" in self.state[p] for p in params))
 
     def _fused_update(self, group: dict, params: list, grads: list) -> None:
-        """Same equations, one compiled kernel per tensor; sparse params only, plain ones eagerly."""
+        """Same equations: the pointwise part compiled (one pass per tensor), the prox eager."""
         lr, kappa, mu, lam = group["lr"], group["kappa"], group["mu"], group["lam"]
         m, wd = group["momentum"], group["weight_decay"]
         kinds: dict = {"group": [], "elementwise": [], None: []}
@@ -201,9 +201,12 @@ class SLBI(Optimizer):
                 continue
             ps = [p for p, _ in pairs]
             st = [self.state[p] for p in ps]
-            _compiled_sparse_step()(ps, [g for _, g in pairs], [s["momentum_buffer"] for s in st],
-                                    [s["z"] for s in st], [s["gamma"] for s in st],
-                                    lr, kappa, mu, lam, m, wd, penalty == "group")
+            zs, gammas = [s["z"] for s in st], [s["gamma"] for s in st]
+            # on the CPU even for CUDA params: 0-d CPU scalars mix with any device, no copy to wait on
+            hp = torch.tensor([lr * kappa, lr / mu, lr * kappa / mu, m, wd], dtype=ps[0].dtype)
+            _compiled_pointwise()(ps, [g for _, g in pairs], [s["momentum_buffer"] for s in st], zs, gammas,
+                                  hp, wd != 0)
+            _prox(penalty, zs, gammas, kappa, lam)
 
     def _update(self, group: dict, params: list, d: list) -> None:
         lr, kappa, mu, lam = group["lr"], group["kappa"], group["mu"], group["lam"]
@@ -227,44 +230,48 @@ class SLBI(Optimizer):
             torch._foreach_add_(zs, gammas, alpha=-lr / mu)           # z += (a/mu)(W - Gamma)
             torch._foreach_add_(ps, gammas, alpha=lr * kappa / mu)    # W -= (a kappa/mu)(W - Gamma)
             torch._foreach_add_(ps, ds, alpha=-lr * kappa)            # W -= a kappa d
-            if penalty == "elementwise":
-                # kappa*soft(z) = -kappa*(clamp(z, -lam, lam) - z), bit-identical to sign*max(|z|-lam, 0)
-                for z, g in zip(zs, gammas):
-                    torch.clamp(z, -lam, lam, out=g)
-                torch._foreach_sub_(gammas, zs)
-                torch._foreach_mul_(gammas, -kappa)
-            else:
-                # per-filter norms (any memory format), one threshold over all of this group's filters
-                norms = torch.cat([_row_norms(z) for z in zs])
-                scale = (1.0 - lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
-                scale.mul_(kappa)
-                for z, g, s in zip(zs, gammas, scale.split([z.shape[0] for z in zs])):
-                    torch.mul(z, s.view(-1, *([1] * (z.dim() - 1))), out=g)
+            _prox(penalty, zs, gammas, kappa, lam)
 
 
-def _sparse_step(ps, grads, bufs, zs, gammas, lr, kappa, mu, lam, m, wd, group_penalty: bool):
-    """The SLBI update of REFERENCE §2 for momentum > 0 and existing buffers, written per tensor
-    so that torch.compile fuses it (weight decay PyTorch-style, as in the eager path)."""
+def _prox(penalty: str, zs: list, gammas: list, kappa: float, lam: float) -> None:
+    """Gamma <- kappa * Prox_lam(z), written into the gamma buffers (no parameter-sized temporaries)."""
+    if penalty == "elementwise":
+        # kappa*soft(z) = -kappa*(clamp(z, -lam, lam) - z), bit-identical to sign*max(|z|-lam, 0)
+        for z, g in zip(zs, gammas):
+            torch.clamp(z, -lam, lam, out=g)
+        torch._foreach_sub_(gammas, zs)
+        torch._foreach_mul_(gammas, -kappa)
+    else:
+        # per-filter norms (any memory format), one threshold over all of this group's filters
+        norms = torch.cat([_row_norms(z) for z in zs])
+        scale = (1.0 - lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
+        scale.mul_(kappa)
+        for z, g, s in zip(zs, gammas, scale.split([z.shape[0] for z in zs])):
+            torch.mul(z, s.view(-1, *([1] * (z.dim() - 1))), out=g)
+
+
+def _sparse_pointwise(ps, grads, bufs, zs, gammas, hp, decay: bool):
+    """Momentum, z and W updates of REFERENCE §2 (momentum > 0, buffers present), per tensor so
+    that torch.compile fuses them into one pass: read g, buf, W, Gamma, z; write buf, W, z.
+    hp = [a*kappa, a/mu, a*kappa/mu, momentum, wd] as a tensor, so a new lr does not recompile.
+    The prox stays eager (norm pass + one write of Gamma): inside the graph, inductor recomputes
+    z in the norm's reduction and delays the W store, which costs more passes than it saves."""
     for p, g, b, z, gam in zip(ps, grads, bufs, zs, gammas):
-        if wd != 0 and p.dim() > 1:
-            g = g + wd * p
-        b.mul_(m).add_(g)
+        if decay and p.dim() > 1:
+            g = g + hp[4] * p
+        b.mul_(hp[3]).add_(g)
         diff = p - gam
-        z.add_(diff, alpha=lr / mu)
-        p.sub_(b * (lr * kappa) + diff * (lr * kappa / mu))
-        if group_penalty:
-            gam.copy_(z * (kappa * group_scale(z, lam)).view(-1, *([1] * (z.dim() - 1))))
-        else:
-            gam.copy_(kappa * soft_threshold(z, lam))
+        z.add_(diff * hp[1])
+        p.sub_(b * hp[0] + diff * hp[2])
 
 
 _COMPILED = None
 
 
-def _compiled_sparse_step():
+def _compiled_pointwise():
     global _COMPILED
-    if _COMPILED is None:  # compiled on first use; later lr values reuse it (floats stay symbolic)
-        _COMPILED = torch.compile(_sparse_step, dynamic=False)
+    if _COMPILED is None:  # compiled on first use
+        _COMPILED = torch.compile(_sparse_pointwise, dynamic=False)
     return _COMPILED
 
 
@@ -347,22 +354,33 @@ def slbi_step_ratio(model_name: str = "resnet18", device: str = "cpu", repeats: 
                     momentum: float = 0.9, weight_decay: float = 5e-4, model: nn.Module | None = None,
                     compiled: bool = False) -> dict:
     """Median time of one SLBI step over one SGD(foreach) step with the same momentum and weight
-    decay on the same model and gradients. Steps are interleaved so that load on a shared
-    machine hits both alike. ``compiled``: time the torch.compile'd step (compiled during the
-    warm-up, not timed). Returns {"sgd_ms", "slbi_ms", "ratio", ...}."""
+    decay on copies of the same model with the same gradients. Steps are interleaved so that
+    load on a shared machine hits all alike. ``compiled``: also time SLBI(compiled=True)
+    (compiled during the warm-up, not timed). Returns {"sgd_ms", "slbi_ms", "ratio",
+    ["slbi_compiled_ms", "ratio_compiled"], ...}."""
+    import copy
+
     if model is None:
         from cifarlab.models import build_model
 
         model = build_model(model_name)
     dev = torch.device(device)
-    model = model.to(dev)
     gen = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(dev)
-    params = [p for p in model.parameters()]
-    sgd = torch.optim.SGD(params, lr=0.01, momentum=momentum, weight_decay=weight_decay, foreach=True)
-    slbi = SLBI(slbi_param_groups(model), lr=0.01, momentum=momentum, weight_decay=weight_decay,
-                compiled=compiled)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in model.parameters()]
+
+    def copy_with_grads() -> nn.Module:
+        m = copy.deepcopy(model).to(dev)
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.to(dev)
+        return m
+
+    opts = {"sgd": torch.optim.SGD(copy_with_grads().parameters(), lr=0.01, momentum=momentum,
+                                   weight_decay=weight_decay, foreach=True),
+            "slbi": SLBI(slbi_param_groups(copy_with_grads()), lr=0.01, momentum=momentum,
+                         weight_decay=weight_decay)}
+    if compiled:
+        opts["slbi_compiled"] = SLBI(slbi_param_groups(copy_with_grads()), lr=0.01, momentum=momentum,
+                                     weight_decay=weight_decay, compiled=True)
 
     def timed(opt) -> float:
         if dev.type == "cuda":
@@ -373,15 +391,18 @@ def slbi_step_ratio(model_name: str = "resnet18", device: str = "cpu", repeats: 
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
-    for _ in range(3):  # warm-up: momentum buffers allocated, caches hot
-        timed(sgd)
-        timed(slbi)
-    t_sgd, t_slbi = [], []
+    for _ in range(3):  # warm-up: momentum buffers allocated, the compiled step compiled, caches hot
+        for opt in opts.values():
+            timed(opt)
+    times: dict[str, list[float]] = {k: [] for k in opts}
     for _ in range(repeats):
-        t_sgd.append(timed(sgd))
-        t_slbi.append(timed(slbi))
-    sgd_ms, slbi_ms = 1e3 * statistics.median(t_sgd), 1e3 * statistics.median(t_slbi)
-    return {"model": model_name, "device": str(dev), "params": sum(p.numel() for p in params),
-            "repeats": repeats, "momentum": momentum, "weight_decay": weight_decay,
-            "compiled": compiled, "threads": torch.get_num_threads(), "sgd_ms": sgd_ms, "slbi_ms": slbi_ms,
-            "ratio": slbi_ms / sgd_ms}
+        for k, opt in opts.items():
+            times[k].append(timed(opt))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out = {"model": model_name, "device": str(dev), "params": sum(p.numel() for p in model.parameters()),
+           "repeats": repeats, "momentum": momentum, "weight_decay": weight_decay,
+           "threads": torch.get_num_threads(), "sgd_ms": ms["sgd"], "slbi_ms": ms["slbi"],
+           "ratio": ms["slbi"] / ms["sgd"]}
+    if compiled:
+        out.update(slbi_compiled_ms=ms["slbi_compiled"], ratio_compiled=ms["slbi_compiled"] / ms["sgd"])
+    return out

@@ -26,18 +26,23 @@ def _num(v, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
-def _table(models: list[str], land: dict, probe: dict, overhead: dict) -> str:
-    head = ("| model | BN | band width mean | band width median | diverged rates | beta median | "
-            "beta mean | max grad diff (mean) | loss spread along -g | probe overhead |")
-    lines = [head, "|" + "---|" * 10]
+def _table(models: list[str], land: dict, probe: dict, summary: dict) -> str:
+    head = ("| model | BN | band width mean | band width median | diverged rates | rates without progress | "
+            "beta median | beta mean | median \\|\\|g\\|\\| | max grad diff (mean) | loss spread along -g | "
+            "probe run test acc | probe overhead |")
+    lines = [head, "|" + "---|" * 13]
+    overhead, acc = summary.get("probe_overhead_pct") or {}, summary.get("probe_test_acc") or {}
     for m in models:
         a, p = land.get(m, {}), probe.get(m, {})
         div = ", ".join(f"{lr:g} (step {s})" for lr, s in a.get("diverged", [])) or "none"
-        ov = overhead.get(m)
+        stuck = ", ".join(f"{lr:g}" for lr in a.get("no_progress", [])) or "none"
+        ov, ac = overhead.get(m), acc.get(m)
         lines.append(f"| {m} | {'yes' if '_bn' in m else 'no'} | {_num(a.get('band_width_mean'))} | "
-                     f"{_num(a.get('band_width_median'))} | {div if a else DASH} | {_num(p.get('beta_median'))} | "
-                     f"{_num(p.get('beta_mean'))} | {_num(p.get('grad_diff_max_mean'))} | "
-                     f"{_num(p.get('loss_spread_mean'))} | {_num(ov, 3) + '%' if _num(ov) != DASH else DASH} |")
+                     f"{_num(a.get('band_width_median'))} | {div if a else DASH} | {stuck if a else DASH} | "
+                     f"{_num(p.get('beta_median'))} | {_num(p.get('beta_mean'))} | {_num(p.get('grad_norm_median'))} | "
+                     f"{_num(p.get('grad_diff_max_mean'))} | {_num(p.get('loss_spread_mean'))} | "
+                     f"{_num(100 * ac, 3) + '%' if _num(ac) != DASH else DASH} | "
+                     f"{_num(ov, 3) + '%' if _num(ov) != DASH else DASH} |")
     return "\n".join(lines)
 
 
@@ -66,7 +71,7 @@ def _one_study(run, img_dir: Path) -> str:
         name = f"bn_{slug}_landscape.png"
         F.plot_landscape(band, runs, img_dir / name, smooth=int((s.get("smooth") or 1)))
         out.append(f"![loss landscape](img/{name})")
-        land = F.landscape_stats(band, runs)
+        land = F.landscape_stats(band, runs, F.load_losses(run.path))
         models = models or sorted(land)
     probes = F.load_probes({m: run.path / "probes" / m for m in models})
     if len(probes):
@@ -78,7 +83,7 @@ def _one_study(run, img_dir: Path) -> str:
     if not land and not probe:
         out.append("_No landscape or probe files yet._")
         return "\n\n".join(out)
-    out.append(_table(models, land, probe, s.get("probe_overhead_pct") or {}))
+    out.append(_table(models, land, probe, s))
     out.append("Band width: mean over the steps (with at least two rates still finite) of the max minus the "
                "min training loss over the rates; a rate that diverged leaves the band from its divergence "
                "step on. beta: max over eta of ||grad L(w) - grad L(w - eta g)|| / ||eta g||, per probed step.")
@@ -88,7 +93,7 @@ def _one_study(run, img_dir: Path) -> str:
     sp = s.get("speedup")
     if isinstance(sp, dict) and sp.get("speedup"):
         out.append(f"Concurrent training (vmap over the {sp['models']} rates' stacked parameters) against one "
-                   f"rate after another, {sp['steps']} steps of {sp.get('model', DASH)} on {sp.get('device', DASH)}: "
+                   f"rate after another, {sp['steps']} step(s) of {sp.get('model', DASH)} on {sp.get('device', DASH)}: "
                    f"{sp['sequential_s']:.2f}s sequential vs {sp['concurrent_s']:.2f}s concurrent, "
                    f"speed-up x{sp['speedup']:.2f}.")
     return "\n\n".join(out)

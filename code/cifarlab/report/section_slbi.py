@@ -219,6 +219,9 @@ def slbi_section(log_root: Path, img_dir: Path) -> str | None:
     phys = physical_table(runs)
     if phys is not None:
         parts += ["Physical pruning (Torch-Pruning DependencyGraph): the smaller dense model against "
-                  "the masked one it must equal; the speed-up is measured, on the machine of the run.", "",
+                  "the masked one it must equal. Masked = the pruned weights (`conv3@80%`) or W* "
+                  "(`w_star`, output layer kept) with each removed channel silenced as a whole "
+                  "(its bias and BatchNorm affine zeroed too), so its accuracy can differ from the "
+                  "plain W* column above. The speed-up is measured on the machine of the run.", "",
                   markdown_table(phys), ""]
     return "\n".join(parts)
