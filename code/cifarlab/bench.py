@@ -70,7 +70,7 @@ def classic_loop(model_name: str, dataset: str, device: torch.device, batch_size
     from cifarlab.models import build_model
 
     torch.manual_seed(0)
-    info, train, test = _classic_datasets(dataset, data_root, batch_size * steps, 2000)
+    info, train, test = _classic_datasets(dataset, data_root, batch_size * steps, 1024)
     model = build_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=2,
@@ -108,12 +108,12 @@ def classic_loop(model_name: str, dataset: str, device: torch.device, batch_size
 
 # -- (b) cifarlab's Trainer with its defaults --------------------------------------------------------------
 def cifarlab_loop(model_name: str, dataset: str, device: torch.device, batch_size: int, steps: int,
-                  repeats: int, data_root: str, compile: bool = False) -> dict[str, Any]:
+                  repeats: int, data_root: str, compile: bool = False, **overrides) -> dict[str, Any]:
     from cifarlab.train import Trainer
 
     cfg = make_config(model=model_name, dataset=dataset, batch_size=batch_size, device=str(device),
-                      train_subset=batch_size * steps, test_subset=2000, val_fraction=0.0, data_root=data_root,
-                      progress="off", compile=compile, download=False, epochs=1)
+                      train_subset=batch_size * steps, test_subset=1024, val_fraction=0.0, data_root=data_root,
+                      progress="off", compile=compile, download=False, epochs=1, **overrides)
     trainer = Trainer(cfg, write=False)
     trainer._setup()
     _reset_peak(device)

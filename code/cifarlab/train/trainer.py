@@ -64,7 +64,9 @@ class Trainer:
         self.run_dir = self.rundir.path if (self.rundir and self.is_main) else None
         on_gpu = self.device.type == "cuda"
         self.use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_gpu)
+        # channels_last: on GPU the tensor-core layout; on CPU oneDNN's preferred one (resnet20
+        # trains 1.25x faster, bench measurement), so "auto" means on everywhere
+        self.channels_last = cfg.channels_last in ("on", "auto")
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
