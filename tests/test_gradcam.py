@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import yaml
 
-from cifarlab.analysis import gradcam
 from cifarlab.analysis.gradcam import (DEFAULT_METHODS, cam_figure, cam_study, compute_cams,
                                        default_layer, road_scores)
 from cifarlab.analysis.insight import confusion_matrix, most_confident_mistakes, per_class_accuracy

@@ -10,7 +10,6 @@ import yaml
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
-from cifarlab.report import build
 from cifarlab.report.build import build_report, find_runs, fmt_count, fmt_duration
 from cifarlab.report.curves import plot_run_curves, read_metrics
 from cifarlab.report.section_modifications import families

@@ -16,7 +16,6 @@ import contextlib
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from cifarlab.train.checkpoint import capture_rng, load_checkpoint, load_model_s
 from cifarlab.train.distributed import all_reduce_sum, barrier, broadcast_flag, init_distributed, shutdown
 from cifarlab.train.losses import build_loss
 from cifarlab.train.plugins import callbacks_from_config
-from cifarlab.train.rundir import RunDirectory, format_epoch_line
+from cifarlab.train.rundir import RunDirectory
 from cifarlab.utils import count_params, resolve_device, seed_everything
 
 
