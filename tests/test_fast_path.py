@@ -74,3 +74,40 @@ def test_compiled_step_matches_eager(tmp_path):
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
     worst, total, cos = compare(grads, ref_grads)
     assert worst < 3e-2 and total < 1e-2 and cos > 0.9999, (worst, total, cos)
+
+
+# -- the CPU heap: glibc keeps freed memory (train/cpu_heap.py) -----------------------------------------------
+def test_keep_cpu_heap_sets_the_three_glibc_thresholds_once(monkeypatch):
+    from cifarlab.train import cpu_heap
+
+    calls = []
+    monkeypatch.setattr(cpu_heap, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setitem(cpu_heap._state, "tuned", False)
+    assert cpu_heap.keep_cpu_heap() is True
+    # M_MMAP_THRESHOLD (-3) at glibc's 32 MiB maximum, M_TRIM_THRESHOLD (-1) 2 GiB, M_TOP_PAD (-2) 256 MiB
+    assert sorted(calls) == [(-3, 32 * 2**20), (-2, 256 * 2**20), (-1, 2**31 - 1)]
+    assert cpu_heap.keep_cpu_heap() is True and len(calls) == 3  # idempotent
+    monkeypatch.setitem(cpu_heap._state, "tuned", False)
+    monkeypatch.setattr(cpu_heap, "_mallopt", lambda: lambda param, value: 0)  # glibc refused a value
+    assert cpu_heap.keep_cpu_heap() is False and not cpu_heap.heap_tuned()
+
+
+def test_glibc_accepts_the_settings():
+    """This project's machines run glibc: mallopt is found and takes every value (returns 1)."""
+    from cifarlab.train import cpu_heap
+
+    fn = cpu_heap._mallopt()
+    assert fn is not None
+    assert all(fn(p, v) == 1 for p, v in cpu_heap.TUNED.items())
+
+
+@pytest.mark.parametrize("flag, expected", [(True, 1), (False, 0)])
+def test_trainer_tunes_the_heap_on_cpu_unless_turned_off(monkeypatch, tmp_path, flag, expected):
+    import cifarlab.train.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_cpu_heap", lambda: calls.append(1) or True)
+    cfg = make_config(model="lenet5", dataset="synthetic", device="cpu", cpu_heap=flag, progress="off",
+                      run_dir=str(tmp_path / "r"))
+    Trainer(cfg, write=False)
+    assert len(calls) == expected

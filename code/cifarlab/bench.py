@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import make_config
+from cifarlab.train.cpu_heap import heap_tuned, keep_cpu_heap
 
 
 def _sync(device: torch.device) -> None:
@@ -148,7 +149,8 @@ def _time_phases(train_epoch, evaluate, device, repeats: int) -> dict[str, Any]:
         m = evaluate()
         _sync(device)
         eval_rates.append(m / (time.perf_counter() - t0))
-    return {"train_images_per_s": statistics.median(train_rates),
+    return {"cpu_heap_tuned": device.type == "cpu" and heap_tuned(),
+            "train_images_per_s": statistics.median(train_rates),
             "eval_images_per_s": statistics.median(eval_rates),
             "ms_per_image": statistics.median(step_times),
             "peak_memory_mb": _peak_mb(device),
@@ -159,6 +161,8 @@ def bench_throughput(model: str = "resnet18", device: str = "cpu", batch_size: i
                      repeats: int = 3, dataset: str = "synthetic", data_root: str = "data",
                      compile: bool = False, out_dir: str | Path = "bench/results") -> dict[str, Any]:
     dev = torch.device(device)
+    # (a) first: the Trainer tunes glibc's heap for the whole process (train/cpu_heap.py, no undo),
+    # so the classic loop must run before it; its result records whether the heap was untouched
     classic = classic_loop(model, dataset, dev, batch_size, steps, repeats, data_root)
     ours = cifarlab_loop(model, dataset, dev, batch_size, steps, repeats, data_root, compile=compile)
     result = {
@@ -197,24 +201,26 @@ def bench_optimizer(model: str = "resnet18", device: str = "cpu", repeats: int =
 
     dev = torch.device(device)
     names = optimizers or list(OPTIMIZERS)
-    times: dict[str, float] = {}
+    if dev.type == "cpu":
+        keep_cpu_heap()  # as the Trainer runs on the CPU
+    opts = {}
     for name in names:
         torch.manual_seed(0)
         net = build_model(model).to(dev)
         for p in net.parameters():  # the same fixed gradients for every optimizer
             p.grad = torch.randn_like(p) * 1e-3
-        cfg = make_config(model=model, optimizer=name, lr=0.01)
-        opt = build_optimizer(cfg, net)
-        for _ in range(3):
-            opt.step()
-        samples = []
-        for _ in range(repeats):
+        opts[name] = build_optimizer(make_config(model=model, optimizer=name, lr=0.01), net)
+        for _ in range(3):  # warm-up: state allocated, caches hot
+            opts[name].step()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):  # interleaved, so that load on a shared machine hits all alike
+        for name, opt in opts.items():
             _sync(dev)
             t0 = time.perf_counter()
             opt.step()
             _sync(dev)
-            samples.append(time.perf_counter() - t0)
-        times[name] = statistics.median(samples) * 1000
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(v) * 1000 for name, v in samples.items()}
     base = times.get("sgd") or next(iter(times.values()))
     result = {"bench": "optimizer", "model": model, "device": str(dev), "machine": machine_label(dev),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": repeats,

@@ -69,6 +69,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "auto"  # auto: reduce-overhead (CUDA graphs) on GPU, default on CPU
     eval_batch_size: int | None = None  # None: 1024 on GPU, 256 on CPU (the faster there)
+    cpu_heap: bool = True  # CPU: keep freed memory for reuse (glibc mallopt, train/cpu_heap.py); ~20% faster steps
     num_workers: int = 4  # only for DataLoader-path datasets (Flowers-102)
     # logging
     tensorboard: bool = False
