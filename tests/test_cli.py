@@ -103,3 +103,44 @@ def test_train_sh_reads_groups_from_the_environment(tmp_path):
                             "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
     assert "--model resnet20" in r.stdout and "--model lenet5" not in r.stdout
+
+
+def _bench(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "cifarlab", "bench", *args, "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_bench_throughput_runs_both_loops_and_ends_with_the_ratio(tmp_path):
+    proc = _bench(tmp_path, "throughput", "--model", "lenet5", "--steps", "2", "--repeats", "1",
+                  "--batch-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio cifarlab/classic (train images/s): ") and last.endswith("x")
+    (saved,) = tmp_path.glob("throughput-lenet5-cpu-*.json")
+    r = json.loads(saved.read_text())
+    assert r["ratio"] == r["cifarlab"]["train_images_per_s"] / r["classic"]["train_images_per_s"]
+    assert f"{r['ratio']:.2f}x" in last
+    # the classic loop ran on glibc's untouched heap, the Trainer with its own tuning
+    assert r["classic"]["cpu_heap_tuned"] is False and r["cifarlab"]["cpu_heap_tuned"] is True
+
+
+def test_bench_optimizer_times_every_optimizer_against_sgd(tmp_path):
+    from cifarlab.config import OPTIMIZERS
+
+    proc = _bench(tmp_path, "optimizer", "--model", "lenet5", "--repeats", "2")
+    assert proc.returncode == 0, proc.stderr
+    (saved,) = tmp_path.glob("optimizer-lenet5-cpu-*.json")
+    r = json.loads(saved.read_text())
+    assert list(r["ms_per_step"]) == list(OPTIMIZERS)
+    assert r["ratio_to_sgd"]["sgd"] == 1.0
+    for name in OPTIMIZERS:
+        assert r["ratio_to_sgd"][name] == r["ms_per_step"][name] / r["ms_per_step"]["sgd"]
+        assert name in proc.stdout
+
+
+def test_bench_bad_input_is_one_error_line(tmp_path):
+    proc = _bench(tmp_path, "throughput", "--model", "lenet5", "--steps", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --steps must be positive, got 0"
+    proc = _bench(tmp_path, "optimizer", "--model", "nonet")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown model 'nonet'")
+    assert not list(tmp_path.iterdir())

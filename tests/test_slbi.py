@@ -460,3 +460,46 @@ def test_cli_rejects_bad_slbi_input(tmp_path):
         from cifarlab.commands.slbi import _parse_percents
 
         _parse_percents("a,b")
+
+
+# -- the default fused step and its fallback -------------------------------------------------------
+
+def test_auto_falls_back_to_the_exact_eager_step_when_compiling_fails(monkeypatch):
+    import cifarlab.optim.slbi as slbi_module
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no compiler")
+        return fail
+
+    monkeypatch.setattr(slbi_module, "_compiled_pointwise", broken)
+    monkeypatch.setattr(slbi_module, "fused_step_available", lambda device: True)
+    batches = _batches(4)
+    nets, opts = [], []
+    for compiled in (False, "auto"):
+        net = _tiny_net()
+        opt = SLBI(slbi_param_groups(net, lam=0.01), lr=0.5, mu=5.0, weight_decay=1e-3, compiled=compiled)
+        nets.append(net)
+        opts.append(opt)
+    _train(nets[0], opts[0], batches)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        _train(nets[1], opts[1], batches)
+    assert opts[1].compiled is False
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+    # asked for explicitly, a compiler failure is an error, not a silent fallback
+    net = _tiny_net()
+    opt = SLBI(slbi_param_groups(net, lam=0.01), lr=0.5, mu=5.0, compiled=True)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _train(net, opt, batches)
+
+
+@pytest.mark.parametrize("flag, expected", [("auto", "auto"), ("on", True), ("off", False)])
+def test_slbi_fused_flag_reaches_the_optimizer(flag, expected):
+    from cifarlab.config import make_config
+    from cifarlab.optim import build_optimizer
+
+    opt = build_optimizer(make_config(model="lenet5", optimizer="slbi", slbi_fused=flag), _tiny_net())
+    assert opt.compiled == expected
+    with pytest.raises(ConfigError):
+        make_config(model="lenet5", optimizer="slbi", slbi_fused="yes")

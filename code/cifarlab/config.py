@@ -79,6 +79,7 @@ class TrainConfig:
     slbi_mu: float = 100.0
     slbi_lambda: float = 1.0
     slbi_fc_lambda: float | None = None
+    slbi_fused: str = "auto"  # auto | on | off: SLBI's update as one torch.compile'd pass (auto: where a compiler is)
     # structural dropout networks (issue 7), mirroring the original's flags
     net_type: str | None = None
     depth: int | None = None
@@ -243,6 +244,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"norm must be 'bn' or 'gn', got {cfg.norm!r}")
     if cfg.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"amp must be auto, bf16 or off, got {cfg.amp!r}")
+    if cfg.slbi_fused not in ("auto", "on", "off"):
+        raise ConfigError(f"slbi_fused must be auto, on or off, got {cfg.slbi_fused!r}")
     if cfg.channels_last not in ("auto", "on", "off"):
         raise ConfigError(f"channels_last must be auto, on or off, got {cfg.channels_last!r}")
     if cfg.progress not in ("auto", "on", "off"):

@@ -24,12 +24,21 @@ The step is vectorised with ``torch._foreach_*`` over each group's parameters an
 (no parameter-sized temporaries once the momentum buffers exist); the per-filter norms of the
 group prox are one small kernel per tensor, concatenated for one threshold. Nothing reads a
 value back to the host, so a step never synchronises with the device.
+
+Speed: the eager foreach step still makes ~9 memory passes per sparse tensor against SGD's ~4
+(resnet18 on 2 CPU cores: 2.0x an SGD step). ``compiled=True`` runs the momentum/W/z update as
+one torch.compile'd pass per tensor (same equations up to float rounding): 1.0-1.1x SGD with
+weight decay 5e-4. ``compiled="auto"`` (what training uses, ``--slbi-fused auto``) takes the
+compiled step where torch.compile can build it (Triton on CUDA, a C++ compiler on the CPU) and
+falls back to the eager step, with one warning, if compiling fails.
 """
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import time
+import warnings
 from typing import Iterable
 
 import torch
@@ -103,11 +112,12 @@ class SLBI(Optimizer):
     Per parameter group: ``penalty`` in {"group", "elementwise", None, "auto"} (default
     "auto": by shape) and ``lam`` may be overridden. State per sparse parameter: ``z`` and
     ``gamma`` (zero at construction), plus ``momentum_buffer`` once stepped. ``compiled=True``
-    runs the sparse update through torch.compile (fused; same equations up to float rounding).
+    runs the sparse update through torch.compile (fused; same equations up to float rounding);
+    ``compiled="auto"`` does so where a compiler is available and falls back to eager otherwise.
     """
 
     def __init__(self, params, lr: float, kappa: float = 1.0, mu: float = 100.0, lam: float = 1.0,
-                 momentum: float = 0.9, weight_decay: float = 0.0, penalty="auto", compiled: bool = False):
+                 momentum: float = 0.9, weight_decay: float = 0.0, penalty="auto", compiled: bool | str = False):
         _check("lr", lr, positive=True)
         _check("kappa", kappa, positive=True)
         _check("mu", mu, positive=True)
@@ -118,9 +128,12 @@ class SLBI(Optimizer):
         defaults = dict(lr=lr, kappa=kappa, mu=mu, lam=lam, momentum=momentum,
                         weight_decay=weight_decay, penalty=penalty)
         super().__init__(params, defaults)
-        # compiled=True: the sparse update (momentum, W, z, Gamma) as one torch.compile'd function,
-        # fused into one pass per tensor (plus the norm) instead of ~10 memory-bound kernels.
-        self.compiled = bool(compiled)
+        # compiled: the sparse update (momentum, W, z) as one torch.compile'd function, fused into
+        # one pass per tensor (plus the prox's norm and write) instead of ~9 memory-bound kernels.
+        if compiled not in (True, False, "auto"):
+            raise ConfigError(f"SLBI compiled must be True, False or 'auto', got {compiled!r}")
+        self.compiled = compiled
+        self._fallback_ok = compiled == "auto"  # "auto" may fall back to eager; True must compile
         for group in self.param_groups:
             if group["penalty"] not in PENALTIES + ("auto",):
                 raise ConfigError(f"SLBI penalty must be 'group', 'elementwise', None or 'auto', "
@@ -174,12 +187,17 @@ class SLBI(Optimizer):
             grads = [p.grad for p in params]
             if any(g.is_sparse for g in grads):
                 raise ConfigError("SLBI does not support sparse gradients")
-            if self.compiled and self._fusable(group, params):
+            if self._use_compiled(params[0].device) and self._fusable(group, params):
                 self._fused_update(group, params, grads)
                 continue
             d = self._direction(group, params, grads)
             self._update(group, params, d)
         return loss
+
+    def _use_compiled(self, device: torch.device) -> bool:
+        if self.compiled == "auto":  # resolved once, on the first step (parameters are on their device)
+            self.compiled = fused_step_available(device)
+        return bool(self.compiled)
 
     def _fusable(self, group: dict, params: list) -> bool:
         return (type(self)._direction is SLBI._direction and group["momentum"] != 0
@@ -204,8 +222,17 @@ class SLBI(Optimizer):
             zs, gammas = [s["z"] for s in st], [s["gamma"] for s in st]
             # on the CPU even for CUDA params: 0-d CPU scalars mix with any device, no copy to wait on
             hp = torch.tensor([lr * kappa, lr / mu, lr * kappa / mu, m, wd], dtype=ps[0].dtype)
-            _compiled_pointwise()(ps, [g for _, g in pairs], [s["momentum_buffer"] for s in st], zs, gammas,
-                                  hp, wd != 0)
+            gs = [g for _, g in pairs]
+            try:  # compiling happens before the graph runs: a failure has mutated nothing yet
+                _compiled_pointwise()(ps, gs, [s["momentum_buffer"] for s in st], zs, gammas, hp, wd != 0)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager step is exact
+                if not self._fallback_ok:
+                    raise
+                warnings.warn(f"SLBI: torch.compile failed ({type(exc).__name__}: {exc}); "
+                              f"using the eager step", RuntimeWarning, stacklevel=3)
+                self.compiled = False
+                self._update(group, ps, self._direction(group, ps, gs))
+                continue
             _prox(penalty, zs, gammas, kappa, lam)
 
     def _update(self, group: dict, params: list, d: list) -> None:
@@ -275,6 +302,19 @@ def _compiled_pointwise():
     return _COMPILED
 
 
+def fused_step_available(device: torch.device) -> bool:
+    """Whether torch.compile can build the fused step here: Triton on CUDA, a C++ compiler on the CPU."""
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return False
+        return has_triton()
+    if device.type == "cpu":
+        return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return False
+
+
 def _row_norms(z: torch.Tensor) -> torch.Tensor:
     """L2 norm of each slice along dim 0 (one group per output filter / unit)."""
     if z.dim() == 1:
@@ -336,8 +376,9 @@ def _check(name: str, value, positive: bool = False) -> None:
 @register_optimizer("slbi")
 def _slbi_factory(model: nn.Module, cfg) -> SLBI:
     groups = slbi_param_groups(model, lam=cfg.slbi_lambda, fc_lam=cfg.slbi_fc_lambda)
+    compiled = {"auto": "auto", "on": True, "off": False}[cfg.slbi_fused]
     return SLBI(groups, lr=cfg.lr, kappa=cfg.slbi_kappa, mu=cfg.slbi_mu, lam=cfg.slbi_lambda,
-                momentum=cfg.momentum, weight_decay=cfg.weight_decay, compiled=cfg.compile)
+                momentum=cfg.momentum, weight_decay=cfg.weight_decay, compiled=compiled)
 
 
 @register_optimizer("slbi_adam")
