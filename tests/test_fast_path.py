@@ -111,3 +111,15 @@ def test_trainer_tunes_the_heap_on_cpu_unless_turned_off(monkeypatch, tmp_path, 
                       run_dir=str(tmp_path / "r"))
     Trainer(cfg, write=False)
     assert len(calls) == expected
+
+
+def test_throughput_table_flags_a_classic_loop_that_ran_on_a_tuned_heap():
+    from cifarlab.bench import format_throughput
+
+    side = {"train_images_per_s": 10.0, "eval_images_per_s": 20.0, "peak_memory_mb": None, "ms_per_image": 1.0}
+    r = {"model": "m", "machine": "cpu", "dataset": "synthetic", "batch_size": 2, "steps": 1, "repeats": 1,
+         "classic": {**side, "cpu_heap_tuned": False}, "cifarlab": {**side, "cpu_heap_tuned": True}, "ratio": 1.5}
+    assert "note:" not in format_throughput(r)
+    r["classic"]["cpu_heap_tuned"] = True
+    lines = format_throughput(r).splitlines()
+    assert lines[-2].startswith("note: the classic loop ran on a heap") and lines[-1].endswith("1.50x")

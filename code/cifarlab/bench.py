@@ -188,6 +188,9 @@ def format_throughput(r: dict[str, Any]) -> str:
     for name, m in rows:
         lines.append(f"{name:<30} {m['train_images_per_s']:>12,.1f} {m['eval_images_per_s']:>12,.1f} "
                      f"{mem(m['peak_memory_mb']):>10} {m['ms_per_image'] * r['batch_size']:>9.1f}")
+    if r["classic"].get("cpu_heap_tuned"):
+        lines.append("note: the classic loop ran on a heap this process had already tuned (it trained "
+                     "before); `python -m cifarlab bench throughput` in a fresh process gives the honest ratio")
     lines.append(f"ratio cifarlab/classic (train images/s): {r['ratio']:.2f}x")
     return "\n".join(lines)
 

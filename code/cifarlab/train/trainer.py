@@ -1,9 +1,9 @@
 """The one training loop. Techniques plug in through callbacks (train/callbacks.py).
 
 Speed by construction: data already on the device (cifarlab.data), bf16 autocast on GPU,
-channels_last, freed CPU memory kept for reuse (train/cpu_heap.py), foreach/fused optimizer steps, optional torch.compile, large-batch
-evaluation, and no host synchronisation inside an epoch: losses and correct counts are summed
-on the device and read once per epoch.
+channels_last, freed CPU memory kept for reuse (train/cpu_heap.py), foreach/fused optimizer
+steps, optional torch.compile, large-batch evaluation, and no host synchronisation inside an
+epoch: losses and correct counts are summed on the device and read once per epoch.
 
 Resume: every epoch ends by writing metrics.csv/log.txt (from the history), best.pt when the
 validation accuracy improved, then last.pt — each atomically. last.pt holds the history, so a
