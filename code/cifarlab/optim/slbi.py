@@ -225,7 +225,7 @@ class SLBI(Optimizer):
             gs = [g for _, g in pairs]
             try:  # compiling happens before the graph runs: a failure has mutated nothing yet
                 _compiled_pointwise()(ps, gs, [s["momentum_buffer"] for s in st], zs, gammas, hp, wd != 0)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager step is exact
+            except Exception as exc:  # any compiler failure: the eager step is exact
                 if not self._fallback_ok:
                     raise
                 warnings.warn(f"SLBI: torch.compile failed ({type(exc).__name__}: {exc}); "

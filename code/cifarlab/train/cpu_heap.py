@@ -35,8 +35,9 @@ def _mallopt():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         fn = libc.mallopt
-        libc.gnu_get_libc_version  # only glibc has it; musl's mallopt is a no-op stub
     except (OSError, AttributeError):
+        return None
+    if not hasattr(libc, "gnu_get_libc_version"):  # only glibc has it; musl's mallopt is a no-op stub
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
