@@ -1,6 +1,6 @@
 """EDropout overhead benchmark: a search-phase step and a frozen step against a plain step.
 
-``bench_edropout`` runs the Trainer's step body (forward + loss, zero_grad, backward,
+``bench_edropout`` runs the Trainer's own step (``train.trainer.train_step``: forward + loss, backward,
 after-backward hooks, optimizer step, batch-end hooks) on random data in three variants
   plain  : no callback;
   search : the EDropout callback scoring NS candidates, evolving and masking the step;
@@ -35,6 +35,7 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
     from cifarlab.dropout.edropout import EDropout
     from cifarlab.models import build_model
     from cifarlab.optim import build_optimizer
+    from cifarlab.train.trainer import train_step
 
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -54,7 +55,7 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    trainer = SimpleNamespace(cfg=cfg, model=net, train_model=net, optimizer=opt, device=dev, epoch=1,
+    trainer = SimpleNamespace(cfg=cfg, model=net, train_model=net, optimizer=opt, device=dev, epoch=1, callbacks=[],
                               global_step=0, autocast=autocast, loss_fn=lambda z, t: F.cross_entropy(z, t),
                               rundir=None, run_dir=None, is_main=True)
     search = EDropout(states=states, freeze_epoch=10**9, chunk=chunk, probe=probe, seed=seed, export=False)
@@ -67,21 +68,10 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
     frozen.state = search.pop[0].clone()
 
     def step(cb):
-        out = cb.forward_loss(trainer, x, y) if cb is not None else None
-        if out is None:
-            with autocast():
-                logits = net(x)
-                loss = trainer.loss_fn(logits, y)
-        else:
-            logits, loss = out
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        trainer.callbacks = [] if cb is None else [cb]
+        _, loss = train_step(trainer, x, y)
         if cb is not None:
-            cb.on_after_backward(trainer)
-        opt.step()
-        trainer.global_step += 1
-        if cb is not None:
-            cb.on_batch_end(trainer, loss.detach())
+            cb.on_batch_end(trainer, loss)
 
     def timed(cb) -> float:
         if cb is None:
