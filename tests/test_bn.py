@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarlab.analysis import landscape as L
-from cifarlab.analysis.bn_probe_callback import BNProbeCallback, callbacks_from_config
-from cifarlab.analysis.bn_probes import gradient_at, probe_along_gradient
+from cifarlab.batchnorm import landscape as L
+from cifarlab.batchnorm.probe_callback import BNProbeCallback, callbacks_from_config
+from cifarlab.batchnorm.probes import gradient_at, probe_along_gradient
 from cifarlab.config import make_config
 from cifarlab.errors import ConfigError
 
@@ -300,7 +300,7 @@ def test_loss_band_by_hand():
 
 
 def test_rates_without_progress_are_named():
-    from cifarlab.analysis.bn_figures import no_progress
+    from cifarlab.batchnorm.figures import no_progress
 
     steps = np.arange(20)
     rows = [{"model": "m", "lr": 1e-3, "step": i, "loss": 2.30 + 0.01 * (i % 2)} for i in steps]  # flat
@@ -390,7 +390,7 @@ def test_resume_keeps_finished_stages(study_dir, tmp_path):
 def test_report_section_states_the_comparison(study_dir, tmp_path):
     import shutil
 
-    from cifarlab.report.section_bn import bn_section
+    from cifarlab.batchnorm.report_section import bn_section
 
     assert bn_section(tmp_path / "nothing", tmp_path / "img") is None
     log_root = tmp_path / "log"
@@ -407,7 +407,7 @@ def test_report_section_tables_the_probe_overhead(tmp_path):
     """Training runs with probes are listed with the timer's overhead and the epoch time of their twin."""
     import yaml
 
-    from cifarlab.report.section_bn import bn_section
+    from cifarlab.batchnorm.report_section import bn_section
 
     for name, k, t in (("k50", 50, 110.0), ("k0", 0, 100.0)):
         d = tmp_path / "log" / "bn" / name

@@ -14,7 +14,7 @@ from cifarlab.dropout import (DropChannel, DropLayer, DropNeuron, DropPath, Trac
 from cifarlab.dropout.variance_shift import VarianceShift, callbacks_from_config, columns
 from cifarlab.errors import ConfigError
 from cifarlab.models import build_model
-from cifarlab.models.dropout_nets import model_from_config
+from cifarlab.dropout.networks import model_from_config
 from cifarlab.utils import count_params
 
 P = 0.3
@@ -429,7 +429,7 @@ def _fake_run(root, name, block_type, drop_type, rate, error, ratios):
 
 
 def test_report_section_tables_and_figure(tmp_path):
-    from cifarlab.report.section_dropout import FIGURE, dropout_section
+    from cifarlab.dropout.report_section import FIGURE, dropout_section
 
     log, img = tmp_path / "log", tmp_path / "img"
     assert dropout_section(log, img) is None

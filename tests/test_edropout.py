@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarlab.analysis.edropout_export import export_pruned
+from cifarlab.edropout.export import export_pruned
 from cifarlab.config import make_config
-from cifarlab.dropout import edropout_search as S
-from cifarlab.dropout.edropout import EDropout, callbacks_from_config
-from cifarlab.dropout.unit_masks import UnitMasks, find_units
+from cifarlab.edropout import search as S
+from cifarlab.edropout.callback import EDropout, callbacks_from_config
+from cifarlab.edropout.unit_masks import UnitMasks, find_units
 from cifarlab.errors import ConfigError
 
 B = torch.bool
@@ -491,7 +491,7 @@ def fake_run(root, name, summary, config, metrics=None):
 
 
 def test_report_section_builds_the_paper_table(tmp_path):
-    from cifarlab.report.section_edropout import edropout_section
+    from cifarlab.edropout.report_section import edropout_section
 
     log = tmp_path / "log"
     assert edropout_section(log, tmp_path / "img") is None

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import yaml
 
-from cifarlab.analysis.gradcam import (DEFAULT_METHODS, cam_figure, cam_study, compute_cams,
+from cifarlab.interpret.gradcam import (DEFAULT_METHODS, cam_figure, cam_study, compute_cams,
                                        default_layer, road_scores)
-from cifarlab.analysis.insight import confusion_matrix, most_confident_mistakes, per_class_accuracy
+from cifarlab.interpret.insight import confusion_matrix, most_confident_mistakes, per_class_accuracy
 from cifarlab.cli import main
 from cifarlab.errors import ConfigError
 

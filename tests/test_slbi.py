@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarlab.analysis import slbi_toolbox as tb
-from cifarlab.analysis.physical_prune import compare_models, export_pruned
+from cifarlab.dessilbi import toolbox as tb
+from cifarlab.dessilbi.physical_prune import compare_models, export_pruned
 from cifarlab.errors import CifarlabError, ConfigError
 from cifarlab.optim.slbi import (SLBI, SLBIAdam, group_soft_threshold, slbi_param_groups, slbi_step_ratio,
                                  soft_threshold)

@@ -156,7 +156,7 @@ def make_config(base: dict[str, Any] | None = None, **overrides) -> TrainConfig:
         values["betas"] = tuple(values["betas"])
     if values.get("net_type") and "model" not in merged:
         # --net-type alone names the network (the summary and run name then say which)
-        from cifarlab.models.dropout_nets import NET_TYPES
+        from cifarlab.dropout.networks import NET_TYPES
 
         values["model"] = NET_TYPES.get(str(values["net_type"]).lower(), values.get("model", "resnet18"))
     cfg = TrainConfig(**values)

@@ -62,7 +62,7 @@ def run(args) -> int:
         r = bench.bench_optimizer(args.model, args.device, args.repeats, opts, args.out)
         text = bench.format_optimizer(r)
     else:
-        from cifarlab.edropout_bench import bench_edropout, format_result
+        from cifarlab.edropout.bench import bench_edropout, format_result
 
         r = bench_edropout(model=args.model, device=args.device, batch_size=args.batch_size, steps=args.steps)
         r.update(bench="edropout", machine=bench.machine_label(torch.device(args.device)))

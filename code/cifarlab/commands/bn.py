@@ -76,7 +76,7 @@ def _split(text: str, what: str) -> list[str]:
 
 
 def parse_study(args) -> dict:
-    from cifarlab.analysis.landscape import check_lrs
+    from cifarlab.batchnorm.landscape import check_lrs
     from cifarlab.models import available_models
 
     models = _split(args.models, "models")
@@ -159,7 +159,7 @@ def _landscape(cfg, study: dict, run_dir: Path, log) -> dict:
     """Stage 1: every model's rates, concurrently; CSVs, the figure and the speed-up."""
     import torch
 
-    from cifarlab.analysis import landscape as L
+    from cifarlab.batchnorm import landscape as L
     from cifarlab.data import build_loaders
     from cifarlab.models import build_model
     from cifarlab.train.losses import build_loss
@@ -245,7 +245,7 @@ def _probe_runs(cfg, study: dict, run_dir: Path, log) -> dict:
 
 
 def _figures(run_dir: Path, study: dict, log) -> dict:
-    from cifarlab.analysis import bn_figures as F
+    from cifarlab.batchnorm import figures as F
 
     stats = {"landscape": {}, "probes": {}}
     loaded = F.load_landscape(run_dir)
@@ -317,7 +317,7 @@ def run(args) -> int:
     log = _Log(run_dir / "log.txt")
     log(f"# bn study: models {study['models']}, lrs {study['lrs']}, dataset {cfg.dataset}, epochs {cfg.epochs}, "
         f"train subset {cfg.train_subset}, batch {cfg.batch_size}, seed {cfg.seed}")
-    from cifarlab.analysis.landscape import RUNS_CSV
+    from cifarlab.batchnorm.landscape import RUNS_CSV
 
     land = {}
     if study["landscape"]:

@@ -9,7 +9,7 @@ HELP = "class activation maps (Grad-CAM, Grad-CAM++, Score-CAM, ...) of a finish
 
 
 def add_arguments(parser) -> None:
-    from cifarlab.analysis.gradcam import DEFAULT_METHODS
+    from cifarlab.interpret.gradcam import DEFAULT_METHODS
 
     parser.add_argument("--run-dir", required=True, metavar="DIR", help="a run directory with checkpoints/best.pt")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2,...",
@@ -32,8 +32,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from cifarlab.analysis.gradcam import DISPLAY, cam_figure, cam_study, method_name
-    from cifarlab.analysis.insight import load_run_model, load_test_images
+    from cifarlab.interpret.gradcam import DISPLAY, cam_figure, cam_study, method_name
+    from cifarlab.interpret.insight import load_run_model, load_test_images
     from cifarlab.errors import ConfigError
     from cifarlab.utils import atomic_write_text
 

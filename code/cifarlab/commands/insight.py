@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cifarlab.analysis.insight import run_insight
+    from cifarlab.interpret.insight import run_insight
 
     paths = run_insight(args.run_dir, args.out, args.layer, args.mistakes, args.data_root, args.checkpoint)
     for key, path in paths.items():

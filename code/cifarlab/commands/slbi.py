@@ -65,7 +65,7 @@ def _record_command(run_dir) -> None:
 
 
 def run(args) -> int:
-    from cifarlab.analysis.slbi_callbacks import MaskedFinetune, SLBIExperiment
+    from cifarlab.dessilbi.callbacks import MaskedFinetune, SLBIExperiment
     from cifarlab.commands.train import resume_config
     from cifarlab.train import Trainer
 

@@ -11,7 +11,7 @@ from cifarlab.models.registry import _MODELS
 
 def model_from_config(cfg, num_classes: int, in_channels: int) -> nn.Module:
     # the structural-dropout networks of Cai et al. (--net-type or --model <net>_drop)
-    from cifarlab.models.dropout_nets import model_from_config as dropout_model
+    from cifarlab.dropout.networks import model_from_config as dropout_model
 
     net = dropout_model(cfg, num_classes, in_channels)
     if net is not None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 PLUGINS: tuple[str, ...] = (
-    "cifarlab.analysis.bn_probe_callback",
+    "cifarlab.batchnorm.probe_callback",
     "cifarlab.dropout.variance_shift",
-    "cifarlab.dropout.edropout",
-    "cifarlab.analysis.slbi_callbacks",
+    "cifarlab.edropout.callback",
+    "cifarlab.dessilbi.callbacks",
 )
 
 

@@ -253,7 +253,7 @@ def run_insight(run_dir: str | Path, out_dir: str | Path | None = None, layer: s
     finished run into ``out_dir`` (default <run_dir>/insight/); return their paths."""
     import pandas as pd
 
-    from cifarlab.analysis.gradcam import default_layer, denormalize
+    from cifarlab.interpret.gradcam import default_layer, denormalize
     from cifarlab.utils import atomic_write_text
 
     run = load_run_model(run_dir, which)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cifarlab.dropout.unit_masks import UnitLayer, strip_overrides
+from cifarlab.edropout.unit_masks import UnitLayer, strip_overrides
 from cifarlab.utils import atomic_torch_save, count_params
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cifarlab.analysis.landscape import BAND_CSV, LOSSES_CSV, RUNS_CSV
+from cifarlab.batchnorm.landscape import BAND_CSV, LOSSES_CSV, RUNS_CSV
 
 PROBES_CSV = "probes.csv"  # written by analysis/bn_probe_callback.py in each probe run
 PROBE_LABELS = {

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from cifarlab.analysis.bn_probes import check_etas, gradient_at, probe_along_gradient
+from cifarlab.batchnorm.probes import check_etas, gradient_at, probe_along_gradient
 from cifarlab.errors import ConfigError
 from cifarlab.train.callbacks import Callback
 from cifarlab.utils import atomic_write_text

@@ -26,7 +26,7 @@ yet already train the frozen state; only their (discarded) search is wasted.
 Evaluation: the Trainer's val/test numbers are EDropout(P) (best state on) — the network this
 method delivers, and what selects the best checkpoint. The callback adds EDropout(F) (every
 unit on): ``val_acc_F`` per epoch and ``test_acc_F`` at the end, R = ``params_kept_pct`` (see
-``cifarlab.analysis.edropout_export``) and the accuracy of the physically pruned export.
+``cifarlab.edropout.export``) and the accuracy of the physically pruned export.
 The test evaluation uses the state of the best-validation epoch, matching the weights the
 Trainer restores from best.pt.
 
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cifarlab.dropout import edropout_search as S
-from cifarlab.dropout.unit_masks import UnitMasks
+from cifarlab.edropout import search as S
+from cifarlab.edropout.unit_masks import UnitMasks
 from cifarlab.errors import CheckpointError
 from cifarlab.train.callbacks import Callback
 
@@ -275,7 +275,7 @@ class EDropout(Callback):
 
     def kept_info(self, trainer, state: torch.Tensor) -> dict:
         """R and the export's sizes for ``state`` (cached: after the freeze the state is constant)."""
-        from cifarlab.analysis.edropout_export import export_pruned
+        from cifarlab.edropout.export import export_pruned
 
         key = state.cpu().numpy().tobytes()
         if self._kept_cache is None or self._kept_cache[0] != key:
@@ -303,7 +303,7 @@ class EDropout(Callback):
             summary["test_acc_F"] = self.evaluate_full(trainer, data.test)[1]
         if not self.export or data is None:
             return
-        from cifarlab.analysis.edropout_export import evaluate_model, export_pruned, write_edropout_files
+        from cifarlab.edropout.export import evaluate_model, export_pruned, write_edropout_files
 
         pruned, info = export_pruned(trainer.model, self.masks.layers, state, self.example_input(trainer))
         summary["params_kept_pct"] = info["params_kept_pct"]

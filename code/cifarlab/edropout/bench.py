@@ -32,7 +32,7 @@ def bench_edropout(model: str = "resnet18", device: str = "cpu", batch_size: int
                    channels_last: str = "auto", seed: int = 0) -> dict:
     """Median seconds per training step (plain / EDropout search / EDropout frozen) and the ratios."""
     from cifarlab.config import make_config
-    from cifarlab.dropout.edropout import EDropout
+    from cifarlab.edropout.callback import EDropout
     from cifarlab.models import build_model
     from cifarlab.optim import build_optimizer
     from cifarlab.train.trainer import train_step

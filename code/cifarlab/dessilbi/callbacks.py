@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from cifarlab.analysis import slbi_toolbox as tb
+from cifarlab.dessilbi import toolbox as tb
 from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.train.callbacks import Callback
 from cifarlab.utils import atomic_torch_save, atomic_write_bytes, atomic_write_text
@@ -196,7 +196,7 @@ class SLBIExperiment(Callback):
                 atomic_write_text(out_dir / "physical_prune.json", json.dumps(exports, indent=2))
 
     def _export(self, name, model, keep, x, test, trainer) -> dict:
-        from cifarlab.analysis.physical_prune import compare_models, export_pruned
+        from cifarlab.dessilbi.physical_prune import compare_models, export_pruned
 
         masked, pruned, plan = export_pruned(model, keep, x[:2])
         info = compare_models(masked, pruned, x)

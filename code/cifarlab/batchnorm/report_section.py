@@ -47,7 +47,7 @@ def _table(models: list[str], land: dict, probe: dict, summary: dict) -> str:
 
 
 def _one_study(run, img_dir: Path) -> str:
-    from cifarlab.analysis import bn_figures as F
+    from cifarlab.batchnorm import figures as F
 
     s = run.summary
     slug = run.name if run.group == "bn" else f"{run.group}_{run.name}".replace("/", "_")
