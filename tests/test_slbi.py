@@ -503,3 +503,16 @@ def test_slbi_fused_flag_reaches_the_optimizer(flag, expected):
     assert opt.compiled == expected
     with pytest.raises(ConfigError):
         make_config(model="lenet5", optimizer="slbi", slbi_fused="yes")
+
+
+def test_param_groups_carry_lambda_only_when_given():
+    """Group values override the optimizer's arguments: a default lam written into every group
+    would make SLBI(slbi_param_groups(m), lam=0.5) train with lambda 1."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    opt = SLBI(slbi_param_groups(model), lr=0.1, lam=0.5)
+    sparse = [g for g in opt.param_groups if g["penalty"] is not None]
+    assert [g["lam"] for g in sparse] == [0.5, 0.5]
+    opt = SLBI(slbi_param_groups(model, lam=2.0, fc_lam=3.0), lr=0.1, lam=0.5)
+    assert {g["penalty"]: g["lam"] for g in opt.param_groups if g["penalty"]} == {"group": 2.0, "elementwise": 3.0}
+    opt = SLBI(slbi_param_groups(model, fc_lam=3.0), lr=0.1, lam=0.5)
+    assert {g["penalty"]: g["lam"] for g in opt.param_groups if g["penalty"]} == {"group": 0.5, "elementwise": 3.0}

@@ -78,11 +78,15 @@ def resolve_penalty(penalty, p: torch.Tensor):
     return {4: "group", 2: "elementwise"}.get(p.dim())
 
 
-def slbi_param_groups(model: nn.Module, lam: float = 1.0, fc_lam: float | None = None,
+def slbi_param_groups(model: nn.Module, lam: float | None = None, fc_lam: float | None = None,
                       layers: Iterable[str] | None = None) -> list[dict]:
     """Conv weights -> group sparsity (one group per filter), linear weights -> element-wise
     sparsity (lambda ``fc_lam``, default ``lam``), everything else -> the plain update.
-    ``layers``: restrict sparsity to these module names (others get the plain update)."""
+    ``layers``: restrict sparsity to these module names (others get the plain update).
+
+    A group carries ``lam`` only when one is given here: a group value overrides the
+    optimizer's argument, so writing a default into every group would silently turn
+    ``SLBI(slbi_param_groups(m), lam=0.5)`` into a lambda-1 run."""
     wanted = None if layers is None else set(layers)
     conv, linear, plain = [], [], []
     for mname, module in model.named_modules():
@@ -100,9 +104,13 @@ def slbi_param_groups(model: nn.Module, lam: float = 1.0, fc_lam: float | None =
         missing = wanted - {n for n, _ in model.named_modules()}
         if missing:
             raise ConfigError(f"slbi layers not in the model: {', '.join(sorted(missing))}")
-    groups = [{"params": conv, "penalty": "group", "lam": lam},
-              {"params": linear, "penalty": "elementwise", "lam": lam if fc_lam is None else fc_lam},
-              {"params": plain, "penalty": None}]
+    conv_group = {"params": conv, "penalty": "group"}
+    linear_group = {"params": linear, "penalty": "elementwise"}
+    if lam is not None:
+        conv_group["lam"] = linear_group["lam"] = lam
+    if fc_lam is not None:
+        linear_group["lam"] = fc_lam
+    groups = [conv_group, linear_group, {"params": plain, "penalty": None}]
     return [g for g in groups if g["params"]]
 
 
