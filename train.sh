@@ -9,7 +9,8 @@
 #   EXTRA="--train-subset 5000" bash train.sh  extra flags appended to every run
 #
 # Each line of grid/<group>.txt is "<run-name> <command> <args...>". Finished runs (summary.json
-# with "finished": true) are skipped; runs with a run directory are resumed (--resume).
+# with "finished": true) are skipped; runs with a run directory are resumed (--resume). A run
+# directory in use by another process is refused (the other runs go on).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,65 +22,13 @@ GRID_DIR=${GRID_DIR:-grid}
 # its prompt and shadows an inherited one, so read GRID_GROUPS, else GROUPS from the environment
 # this process was started with (`env GROUPS=... bash train.sh`, or from zsh/sh).
 SELECTED=${GRID_GROUPS:-$(tr '\0' '\n' < /proc/$$/environ 2>/dev/null | sed -n 's/^GROUPS=//p')}
-if [ -z "$SELECTED" ]; then
-  SELECTED=$(for f in "$GRID_DIR"/*.txt; do basename "$f" .txt; done | tr '\n' ' ')
-fi
-read -r -a GPU_LIST <<< "${GPUS:-}"
-
-is_finished() {
-  [ -f "$1/summary.json" ] && grep -q '"finished": true' "$1/summary.json"
-}
-
-commands=()
-for group in $SELECTED; do
-  file="$GRID_DIR/$group.txt"
-  if [ ! -f "$file" ]; then
-    echo "error: no grid file $file (groups: $(ls "$GRID_DIR" | sed 's/\.txt$//' | tr '\n' ' '))" >&2
-    exit 2
-  fi
-  while read -r name cmd args; do
-    [[ -z "${name:-}" || "$name" == \#* ]] && continue
-    dir="$LOG/$group/$name"
-    if is_finished "$dir"; then
-      echo "skip (finished): $dir" >&2
-      continue
-    fi
-    line="$PYTHON -m cifarlab $cmd $args --run-dir $dir"
-    [ -n "${EPOCHS:-}" ] && line+=" --epochs $EPOCHS"
-    [ -n "${DATASET:-}" ] && line+=" --dataset $DATASET"
-    [ -n "${EXTRA:-}" ] && line+=" $EXTRA"
-    [ -f "$dir/config.yaml" ] && line+=" --resume"
-    commands+=("$line")
-  done < "$file"
-done
-
-run_one() {  # $1: GPU id or "", $2: command
-  local gpu=$1 cmd=$2 dir
-  dir=$(sed -E 's/.*--run-dir ([^ ]+).*/\1/' <<< "$cmd")
-  mkdir -p "$dir"
-  echo "[$(date +%H:%M:%S)] ${gpu:+GPU $gpu: }$cmd" >&2
-  if [ -n "$gpu" ]; then
-    CUDA_VISIBLE_DEVICES=$gpu eval "$cmd" >> "$dir/stdout.txt" 2>&1 || echo "failed: $cmd (see $dir/stdout.txt)" >&2
-  else
-    eval "$cmd" 2>&1 | tee -a "$dir/stdout.txt" || echo "failed: $cmd" >&2
-  fi
-}
-
-if [ -n "${DRY_RUN:-}" ]; then
-  printf '%s\n' "${commands[@]}"
-  exit 0
-fi
-
-if [ ${#GPU_LIST[@]} -le 1 ]; then
-  for c in "${commands[@]}"; do run_one "${GPU_LIST[0]:-}" "$c"; done
-else
-  # one queue per GPU: job i goes to GPU i mod N; the queues run in parallel
-  for i in "${!GPU_LIST[@]}"; do
-    (
-      for j in "${!commands[@]}"; do
-        (( j % ${#GPU_LIST[@]} == i )) && run_one "${GPU_LIST[$i]}" "${commands[$j]}"
-      done
-    ) &
-  done
-  wait
-fi
+# One grid runner (cifarlab.train.grid.run_grid): this script only turns its environment into
+# the flags of `python -m cifarlab grid`.
+args=(--grid-dir "$GRID_DIR" --log "$LOG")
+[ -n "${EPOCHS:-}" ] && args+=(--epochs "$EPOCHS")
+[ -n "${DATASET:-}" ] && args+=(--dataset "$DATASET")
+[ -n "${EXTRA:-}" ] && args+=(--extra "$EXTRA")
+[ -n "${GPUS:-}" ] && args+=(--gpus "$GPUS")
+[ -n "${DRY_RUN:-}" ] && args+=(--dry-run)
+# shellcheck disable=SC2086  # SELECTED is a space-separated list of group names
+exec "$PYTHON" -m cifarlab grid $SELECTED "${args[@]}"

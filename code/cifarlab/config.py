@@ -57,6 +57,12 @@ class TrainConfig:
     augment: bool = True
     cutout: int = 0
     download: bool = True
+    image_size: int | None = None  # resize to N x N: folder:/npz:/torchvision:/registered data, Flowers-102 (default 32)
+    hflip: bool = True  # random horizontal flips when augmenting; --no-hflip for digits and text (mnist/svhn never flip)
+    # normalisation per channel on [0, 1]; None: the dataset's (for a user's own data measured on its
+    # training split and recorded here in the run's config.yaml)
+    norm_mean: list | None = None
+    norm_std: list | None = None
     # where results go
     experiment: str = "default"
     run_name: str | None = None  # default: the model name
@@ -64,16 +70,20 @@ class TrainConfig:
     resume: bool = False
     # speed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    # auto: bf16 autocast where the hardware computes bf16 natively (GPUs with bf16 tensor cores, CPUs
+    # with AVX512-BF16 or AMX), fp32 elsewhere (train/precision.py) | bf16: always | off: fp32
+    amp: str = "auto"
     channels_last: str = "auto"  # auto = on (faster on GPU and with oneDNN on CPU) | on | off
     compile: bool = False
     compile_mode: str = "auto"  # auto: reduce-overhead (CUDA graphs) on GPU, default on CPU
     eval_batch_size: int | None = None  # None: 1024 on GPU, 256 on CPU (the faster there)
     cpu_heap: bool = True  # CPU: keep freed memory for reuse (glibc mallopt, train/cpu_heap.py); ~20% faster steps
     num_workers: int = 4  # only for DataLoader-path datasets (Flowers-102)
+    sync_bn: bool = False  # DDP on GPUs: SyncBatchNorm, BN statistics over the global batch (train/distributed.py)
     # logging
     tensorboard: bool = False
-    progress: str = "auto"  # auto (tqdm when interactive) | on | off
+    progress: str = "auto"  # auto (tqdm in a terminal or a notebook) | on | off
+    live_plot: bool = False  # redraw the loss/accuracy curves in the notebook cell every epoch
     # DessiLBI (issue 6)
     slbi_kappa: float = 1.0
     slbi_mu: float = 100.0
@@ -99,13 +109,17 @@ class TrainConfig:
     # BatchNorm probes (issue 5); 0 = off
     probe_interval: int = 0
     probe_steps: list = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02, 0.01])
+    # step sizes relative to the gradient step lr * sqrt(#params) (batchnorm/probes.py); [] = none
+    probe_rel_steps: list = field(default_factory=lambda: [0.4, 0.2, 0.1, 0.05])
     # a named preset applied before flags (``--recipe edropout``)
     recipe: str | None = None
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir)
-        return Path("log") / self.experiment / (self.run_name or self.model)
+        from cifarlab.paths import log_dir  # default under the project root, wherever the kernel runs
+
+        return log_dir() / self.experiment / (self.run_name or self.model)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -227,6 +241,14 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     if cfg.cutout < 0:
         raise ConfigError(f"cutout must be non-negative, got {cfg.cutout}")
+    from cifarlab.data.registry import check_dataset_name  # names only: no file is read here
+
+    check_dataset_name(cfg.dataset)
+    if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or isinstance(cfg.image_size, bool)
+                                       or cfg.image_size < 1):
+        raise ConfigError(f"image_size must be a positive integer, got {cfg.image_size!r}")
+    if cfg.norm_std is not None and not all(isinstance(v, (int, float)) and v > 0 for v in cfg.norm_std):
+        raise ConfigError(f"norm_std must hold positive numbers, got {cfg.norm_std!r}")
     if not 0.0 <= cfg.drop_rate < 1.0:
         raise ConfigError(f"drop_rate must be in [0, 1), got {cfg.drop_rate}")
     if cfg.block_type not in (0, 1, 2, 3):

@@ -60,7 +60,12 @@ def integer_epochs(ax) -> None:
 
 
 def plot_curves(metrics: dict[str, list[float]], path: str | Path, title: str | None = None) -> Path:
-    """Two panels: loss (train, val) and accuracy % (train, val) against epoch."""
+    """Two panels: loss (train, val) and accuracy % (train, val) against epoch, saved to ``path``."""
+    return save_figure(curves_figure(metrics, title), path)
+
+
+def curves_figure(metrics: dict[str, list[float]], title: str | None = None):
+    """The two-panel curves as a matplotlib Figure (the run's curves.png and the live plot)."""
     from matplotlib.figure import Figure
 
     epochs = metrics.get("epoch") or list(range(1, 1 + max((len(v) for v in metrics.values()), default=0)))
@@ -84,7 +89,7 @@ def plot_curves(metrics: dict[str, list[float]], path: str | Path, title: str | 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_run_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:

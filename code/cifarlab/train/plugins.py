@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 PLUGINS: tuple[str, ...] = (
+    "cifarlab.train.live_plot",
     "cifarlab.batchnorm.probe_callback",
     "cifarlab.dropout.variance_shift",
     "cifarlab.edropout.callback",

@@ -8,13 +8,17 @@ match its checkpoint exactly.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import RunDirError
 from cifarlab.utils import atomic_write_text
+
+LOCK_NAME = ".lock"
 
 BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s"]
 
@@ -25,6 +29,9 @@ class RunDirectory:
         self.ckpt_dir = self.path / "checkpoints"
         self.last = self.ckpt_dir / "last.pt"
         self.best = self.ckpt_dir / "best.pt"
+
+    def lock(self) -> "RunDirLock":
+        return RunDirLock(self.path)
 
     # -- state of the folder ------------------------------------------------------------------
     def summary(self) -> dict[str, Any] | None:
@@ -79,6 +86,64 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for the life of one training process.
+
+    ``DIR/.lock`` holds the owner's pid under an flock: the kernel drops the flock when its
+    process dies, so a lock left by a killed run never blocks ``--resume``, while a live owner
+    makes a second process fail with ``DIR is in use by process N`` before it reads or writes
+    anything else in DIR."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = self.path / LOCK_NAME
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> None:
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunDirError(f"{self.path} is in use by process {owner}") from None
+            # the previous owner may have unlinked the file between our open and our flock:
+            # then we hold a lock on a dead inode, so start again on the current file
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.file.unlink(missing_ok=True)  # unlink while still holding the flock (see acquire)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        if self.created and not any(self.path.iterdir()):
+            self.path.rmdir()  # a run refused before writing leaves no empty folder behind
+
+    def __enter__(self) -> "RunDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _fmt(v):

@@ -1,6 +1,7 @@
 """The one training loop. Techniques plug in through callbacks (train/callbacks.py).
 
-Speed by construction: data already on the device (cifarlab.data), bf16 autocast on GPU,
+Speed by construction: data already on the device (cifarlab.data), bf16 autocast where the GPU
+or CPU computes bf16 natively (train/precision.py),
 channels_last, freed CPU memory kept for reuse (train/cpu_heap.py), foreach/fused optimizer
 steps, optional torch.compile, large-batch evaluation, and no host synchronisation inside an
 epoch: losses and correct counts are summed on the device and read once per epoch.
@@ -22,17 +23,20 @@ import torch
 import torch.nn as nn
 
 from cifarlab.config import TrainConfig, save_yaml
-from cifarlab.errors import CheckpointError
+from cifarlab.errors import CheckpointError, RunDirError
 from cifarlab.optim import build_optimizer, build_scheduler
 from cifarlab.train.build import model_from_config
 from cifarlab.train.callbacks import Callback
-from cifarlab.train.checkpoint import capture_rng, load_checkpoint, load_model_state, restore_rng, save_checkpoint
+from cifarlab.train.checkpoint import (capture_rng, load_checkpoint, load_model_state, load_resume_state, restore_rng,
+                                      save_checkpoint)
 from cifarlab.train.cpu_heap import keep_cpu_heap
-from cifarlab.train.distributed import all_reduce_sum, barrier, broadcast_flag, init_distributed, shutdown
+from cifarlab.train.distributed import (all_reduce_sum, barrier, broadcast_flag, init_distributed, maybe_sync_batchnorm,
+                                        shutdown, training_device)
 from cifarlab.train.losses import build_loss
 from cifarlab.train.plugins import callbacks_from_config
+from cifarlab.train.precision import autocast, resolve_amp
 from cifarlab.train.rundir import RunDirectory
-from cifarlab.utils import count_params, resolve_device, seed_everything
+from cifarlab.utils import count_params, seed_everything
 
 
 def count_flops(model: nn.Module, in_channels: int, image_size, device) -> int:
@@ -79,16 +83,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | None = None, write: bool = True):
         self.cfg = cfg
         self.dist = init_distributed(cfg.device)
-        if self.dist.enabled and cfg.device != "cpu" and torch.cuda.is_available():
-            self.device = torch.device("cuda", self.dist.local_rank)
-        else:
-            self.device = resolve_device(cfg.device)
+        # under DDP the local GPU; a CUDA device is made current (--device cuda:N), cuDNN autotunes
+        self.device = training_device(cfg.device, self.dist)
         self.is_main = self.dist.is_main
         self.callbacks = list(callbacks or []) + callbacks_from_config(cfg)
         self.rundir = RunDirectory(cfg.resolved_run_dir()) if write else None
         self.run_dir = self.rundir.path if (self.rundir and self.is_main) else None
-        on_gpu = self.device.type == "cuda"
-        self.use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
+        # bf16 autocast where the GPU or CPU computes bf16 natively (train/precision.py)
+        self.precision = resolve_amp(cfg.amp, self.device)
+        self.use_bf16 = self.precision.amp == "bf16"
         # channels_last: on GPU the tensor-core layout; on CPU oneDNN's preferred one (resnet20
         # trains 1.25x faster, bench measurement), so "auto" means on everywhere
         self.channels_last = cfg.channels_last in ("on", "auto")
@@ -103,9 +106,7 @@ class Trainer:
 
     # -- helpers callbacks use -----------------------------------------------------------------
     def autocast(self):
-        if self.use_bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     def _cb(self, hook: str, *args):
         for cb in self.callbacks:
@@ -117,18 +118,20 @@ class Trainer:
 
         cfg = self.cfg
         resuming = False
+        seed_everything(cfg.seed)
+        # data first: a dataset that cannot be read stops the run before its directory is made
+        self.data = build_loaders(cfg, self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.rundir is not None:
             # every rank checks (read-only); only rank 0 creates folders
             resuming = self.rundir.prepare(cfg.resume) if self.is_main else self.rundir.last.is_file()
             barrier(self.dist)
-        seed_everything(cfg.seed)
-        self.data = build_loaders(cfg, self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         info = self.data.info
         self.model = model_from_config(cfg, info.num_classes, info.in_channels).to(self.device)
         self.params = count_params(self.model)
         self.flops = count_flops(self.model, info.in_channels, info.image_size, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = maybe_sync_batchnorm(self.model, cfg.sync_bn, self.dist, self.device)  # --sync-bn under DDP
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.loss_fn = build_loss(cfg)
@@ -137,7 +140,7 @@ class Trainer:
         if resuming:
             self._load_last()
         if self.run_dir is not None:
-            save_yaml(cfg, self.run_dir / "config.yaml")
+            save_yaml(self.data.recorded_config(cfg), self.run_dir / "config.yaml")  # + measured normalisation
         self.train_model = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -169,14 +172,8 @@ class Trainer:
         }
 
     def _load_last(self) -> None:
-        ckpt = load_checkpoint(self.rundir.last, map_location=self.device)
-        if ckpt["config"].get("model") != self.cfg.model:
-            raise CheckpointError(f"checkpoint {self.rundir.last} was made for model "
-                                  f"{ckpt['config'].get('model')!r}, not {self.cfg.model!r}")
-        load_model_state(self.model, ckpt["model"], self.rundir.last)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt["scheduler"] is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+        # read onto the CPU: RNG states must stay CPU ByteTensors (see train/checkpoint.py)
+        ckpt = load_resume_state(self.rundir.last, self.model, self.optimizer, self.scheduler, self.cfg.model)
         self.start_epoch = ckpt["epoch"] + 1
         self.global_step = ckpt["global_step"]
         self.best_val_acc, self.best_epoch = ckpt["best_val_acc"], ckpt["best_epoch"]
@@ -232,10 +229,12 @@ class Trainer:
         return loss_sum / max(n, 1), correct / max(n, 1)
 
     def _progress(self, loader, epoch):
-        show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and sys.stderr.isatty())
+        from cifarlab.train.live_plot import in_notebook
+
+        show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and (sys.stderr.isatty() or in_notebook()))
         if not (show and self.is_main):
             return loader
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # the ipywidgets bar in Jupyter, the text bar in a terminal
 
         return tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, total=len(loader))
 
@@ -250,7 +249,13 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         try:
-            return self._fit()
+            if self.rundir is not None and self.cfg.resume and not self.rundir.path.is_dir():
+                raise RunDirError(f"--resume: no run to resume in {self.rundir.path}")
+            # rank 0 holds the run directory's lock for the whole run: a second process gets
+            # "DIR is in use by process N" before anything is read or written
+            lock = self.rundir.lock() if (self.rundir is not None and self.is_main) else contextlib.nullcontext()
+            with lock:
+                return self._fit()
         finally:
             shutdown(self.dist)
 
@@ -265,7 +270,8 @@ class Trainer:
             restore_rng(self._resume_rng)
         diverged = False
         header = [f"# {cfg.model} on {cfg.dataset}: {self.params:,} params, {self.flops / 1e6:.1f} MFLOPs, "
-                  f"device {self.device}, world size {self.dist.world_size}"]
+                  f"device {self.device}, world size {self.dist.world_size}, "
+                  f"{'bf16 autocast' if self.use_bf16 else 'fp32'} ({self.precision.reason})"]
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             self.epoch = epoch
             self._cb("on_epoch_start", epoch)
@@ -273,7 +279,7 @@ class Trainer:
             t0 = time.time()
             train_loss, train_acc, n = self._train_epoch(epoch)
             if self.device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.device)
             dt = time.time() - t0
             if not math.isfinite(train_loss):
                 diverged = True
@@ -329,6 +335,7 @@ class Trainer:
             "wall_time_s": self.wall_time_before + (time.time() - self.t_fit),
             "diverged": diverged, "finished": True,
             "device": str(self.device), "world_size": self.dist.world_size,
+            "amp": self.precision.amp, "amp_reason": self.precision.reason,
             "train_images": self.data.train.num_samples * self.dist.world_size,
         }
         self._cb("on_fit_end", summary)

@@ -1,0 +1,49 @@
+"""The project root: the folder holding grid/ and log/, against which the package's default
+folders (grid/, log/, report/, data/) resolve.
+
+Jupyter starts a notebook's kernel in the notebook's own folder (notebooks/), a shell usually
+sits in the root, a script may run anywhere below it: all of them must find the same log/.
+``project_root()`` walks up from the working directory to the first folder holding both grid/
+and log/; outside a checkout (a notebook copied next to an installed package) it is the working
+directory. ``CIFARLAB_ROOT`` overrides the search.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_ROOT = "CIFARLAB_ROOT"
+MARKERS = ("grid", "log")
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    env = os.environ.get(ENV_ROOT)
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if all((folder / m).is_dir() for m in MARKERS):
+            return folder
+    return here
+
+
+def grid_dir() -> Path:
+    return project_root() / "grid"
+
+
+def log_dir() -> Path:
+    return project_root() / "log"
+
+
+def report_dir() -> Path:
+    return project_root() / "report"
+
+
+def data_dir() -> Path:
+    return project_root() / "data"
+
+
+def under_root(path: str | Path | None, default: Path) -> Path:
+    """``path`` when given (relative paths keep their usual meaning: the working directory),
+    else the default folder under the project root."""
+    return Path(path).expanduser() if path not in (None, "") else default
