@@ -16,14 +16,13 @@ from cifarlab.errors import ConfigError
 
 NAME = "slbi"
 HELP = "DessiLBI: train with SLBI (or a baseline), then W*, prune table, kernel picture, physical pruning"
-LENET_PRUNE_SETS = "conv3;conv3,fc1"
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--prune-layers", default=None, metavar="L1,L2;L3",
                         help="layer sets to prune, ';' between sets, ',' within one "
-                             f"(default for lenet5: {LENET_PRUNE_SETS!r}; none for other models)")
+                             "(default for lenet5: 'conv3;conv3,fc1'; none for other models)")
     parser.add_argument("--prune-percents", default="5,10,20,40,60,80", metavar="P,...",
                         help="percentages to prune each set by (default 5,10,20,40,60,80)")
     parser.add_argument("--physical-percent", type=float, default=80.0,
@@ -34,22 +33,19 @@ def add_arguments(parser) -> None:
                         help="fine-tune this finished SLBI run's W* with its mask fixed")
 
 
-def _parse_sets(text: str | None, model: str) -> list[list[str]]:
+def _parse_sets(text: str | None):
+    """'conv3;conv3,fc1' -> [['conv3'], ['conv3', 'fc1']]; None -> the experiment's default."""
     if text is None:
-        text = LENET_PRUNE_SETS if model == "lenet5" else ""
+        return None
     sets = [[n.strip() for n in part.split(",") if n.strip()] for part in text.split(";")]
     return [s for s in sets if s]
 
 
 def _parse_percents(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise ConfigError(f"--prune-percents expects numbers like 5,10,20, got {text!r}") from None
-    bad = [v for v in values if not 0 <= v <= 100]
-    if bad or not values:
-        raise ConfigError(f"--prune-percents must be in [0, 100], got {text!r}")
-    return values
 
 
 def _record_command(run_dir) -> None:
@@ -65,28 +61,17 @@ def _record_command(run_dir) -> None:
 
 
 def run(args) -> int:
-    from cifarlab.dessilbi.callbacks import MaskedFinetune, SLBIExperiment
     from cifarlab.commands.train import resume_config
-    from cifarlab.train import Trainer
+    from cifarlab.dessilbi.experiment import run as run_experiment, summary_line
 
     if args.experiment is None:
         args.experiment = "slbi"
     cfg = resume_config(args) if args.resume else config_from_args(args)
-    if not 0 <= args.physical_percent <= 100:
-        raise ConfigError(f"--physical-percent must be in [0, 100], got {args.physical_percent}")
-    callbacks = [SLBIExperiment(prune_sets=_parse_sets(args.prune_layers, cfg.model),
-                                percents=_parse_percents(args.prune_percents),
-                                picture_layer=args.picture_layer, physical_percent=args.physical_percent)]
-    if args.finetune_from:
-        if cfg.optimizer.startswith("slbi"):
-            raise ConfigError("--finetune-from trains with the mask fixed: use a dense optimizer such as sgd")
-        callbacks.append(MaskedFinetune(args.finetune_from))
-    summary = Trainer(cfg, callbacks=callbacks).fit()
+    summary = run_experiment(cfg=cfg, prune_sets=_parse_sets(args.prune_layers),
+                             prune_percents=_parse_percents(args.prune_percents),
+                             physical_percent=args.physical_percent, picture_layer=args.picture_layer,
+                             finetune_from=args.finetune_from)
     run_dir = cfg.resolved_run_dir()
     _record_command(run_dir)
-    acc = summary.get("test_acc")
-    line = f"test accuracy {100 * acc:.2f}%" if acc is not None else "no test accuracy"
-    if summary.get("test_acc_wstar") is not None:
-        line += f", with W* {100 * summary['test_acc_wstar']:.2f}%"
-    print(f"{line}; run directory: {run_dir}")
+    print(f"{summary_line(summary)}; run directory: {run_dir}")
     return 0
