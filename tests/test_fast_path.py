@@ -2,10 +2,17 @@
 
 Gradients are compared as relative norm errors: at initialisation BatchNorm's backward
 subtracts nearly equal means, which amplifies rounding in the early layers' gradients (measured
-on resnet20, batch 32: fp32 channels_last worst tensor 0.9%, all gradients 0.45%; bf16 all
-gradients 23%, cosine 0.972). Tolerances: fp32 paths (channels_last, torch.compile) worst tensor
-< 3%, all < 1%, cosine > 0.9999, loss rel 1e-4/1e-3; bf16 autocast loss rel 2%, all gradients
-< 35%, cosine > 0.95. A broken layout or dtype path gives cosines near 0.
+on resnet20, batch 32: fp32 channels_last worst tensor 0.9%, all gradients 0.45%). Tolerances:
+fp32 paths (channels_last, torch.compile) worst tensor < 3%, all < 1%, cosine > 0.9999, loss rel
+1e-4/1e-3. A broken layout or dtype path gives cosines near 0.
+
+CPU bf16 autocast (what `--amp auto` picks on CPUs with AVX512-BF16 or AMX) against fp32 NCHW,
+one SGD step of resnet20 at batch 32, seeds 0-4, measured on an AMD EPYC with AVX512-BF16
+(oneDNN's native bf16 path), 2026-12-03: loss rel 1.5e-4 .. 7.2e-4, all gradients 22.3% .. 25.4%
+(worst tensor 50-80%, the first layers), cosine 0.968 .. 0.975; the SGD step's weight updates
+the same 22.3% .. 25.4% and 0.968 .. 0.975 (an earlier session's AVX2 machine, bf16 emulated:
+gradients 23%, cosine 0.972). Tolerances with margin: loss rel 3e-3, all gradients and all
+updates < 35%, cosine > 0.95.
 """
 from __future__ import annotations
 
@@ -14,9 +21,12 @@ import torch
 
 from cifarlab.config import make_config
 from cifarlab.train import Trainer
+from cifarlab.train.trainer import train_step
 
 
-def one_step(tmp_path, **fast):
+def one_step(tmp_path, updates=None, **fast):
+    """One training step as the Trainer takes it: (loss, gradients, batch); the optimizer step's
+    change to each weight goes into `updates` when a dict is given."""
     cfg = make_config(model="resnet20", dataset="synthetic", train_subset=64, test_subset=64, batch_size=32,
                       device="cpu", progress="off", epochs=1, val_fraction=0.0, augment=False,
                       run_dir=str(tmp_path / "unused"), **fast)
@@ -27,11 +37,12 @@ def one_step(tmp_path, **fast):
     if trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     trainer.model.train()
-    with trainer.autocast():
-        loss = trainer.loss_fn(trainer.train_model(x), y)
-    loss.backward()
+    before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+    _, loss = train_step(trainer, x, y)
     grads = {n: p.grad.detach().float().clone() for n, p in trainer.model.named_parameters()}
-    return loss.detach().float(), grads, x
+    if updates is not None:
+        updates.update({n: p.detach().float() - before[n] for n, p in trainer.model.named_parameters()})
+    return loss.float(), grads, x
 
 
 def compare(grads, ref):
@@ -52,11 +63,15 @@ def test_channels_last_fp32_matches_eager(tmp_path):
     assert worst < 3e-2 and total < 1e-2 and cos > 0.9999, (worst, total, cos)
 
 
-def test_bf16_autocast_matches_fp32_within_tolerance(tmp_path):
-    ref_loss, ref_grads, _ = one_step(tmp_path, channels_last="off", amp="off")
-    loss, grads, _ = one_step(tmp_path, channels_last="on", amp="bf16")
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=2e-2)
+@pytest.mark.parametrize("seed", [0, 3])  # 3: the largest gradient error of seeds 0-4
+def test_cpu_bf16_autocast_matches_fp32_within_measured_tolerance(tmp_path, seed):
+    ref_upd, upd = {}, {}
+    ref_loss, ref_grads, _ = one_step(tmp_path, ref_upd, channels_last="off", amp="off", seed=seed)
+    loss, grads, _ = one_step(tmp_path, upd, channels_last="on", amp="bf16", seed=seed)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=3e-3)
     worst, total, cos = compare(grads, ref_grads)
+    assert total < 0.35 and cos > 0.95, (worst, total, cos)
+    worst, total, cos = compare(upd, ref_upd)
     assert total < 0.35 and cos > 0.95, (worst, total, cos)
 
 
@@ -117,7 +132,7 @@ def test_throughput_table_flags_a_classic_loop_that_ran_on_a_tuned_heap():
     from cifarlab.bench import format_throughput
 
     side = {"train_images_per_s": 10.0, "eval_images_per_s": 20.0, "peak_memory_mb": None, "ms_per_image": 1.0}
-    r = {"model": "m", "machine": "cpu", "dataset": "synthetic", "batch_size": 2, "steps": 1, "repeats": 1,
+    r = {"model": "m", "device": "cpu", "machine": "a CPU", "dataset": "synthetic", "batch_size": 2, "steps": 1, "repeats": 1,
          "classic": {**side, "cpu_heap_tuned": False}, "cifarlab": {**side, "cpu_heap_tuned": True}, "ratio": 1.5}
     assert "note:" not in format_throughput(r)
     r["classic"]["cpu_heap_tuned"] = True

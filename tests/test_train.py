@@ -245,7 +245,7 @@ def test_resume_refuses_a_different_model(tmp_path, capsys):
 def test_ddp_two_processes_on_cpu_match_one_process(tmp_path):
     args = ["--model", "lenet5", "--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256",
             "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "off", "--epochs", "2",
-            "--no-augment", "--scheduler", "none"]
+            "--no-augment", "--scheduler", "none", "--amp", "off"]  # DDP's equivalence, in fp32 on any CPU
     single = run_cli("train", *args, "--run-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,13 +3,14 @@
 throughput: (a) the classic loop — torchvision dataset + PIL transforms through a DataLoader with
 2 workers, fp32, NCHW, eager model, SGD momentum, a host sync per step for the running loss and
 accuracy, the way pytorch-cifar's main.py trains — against (b) cifarlab's Trainer with its
-defaults, on the same model, batch size and augmentation (crop with padding 4, flip, normalise).
+defaults (so `--amp auto`: bf16 autocast where the CPU or GPU computes bf16 natively), on the same
+model, batch size and augmentation (crop with padding 4, flip, normalise).
 optimizer: one optimizer step of each optimizer the package offers, as a ratio to SGD.
+Every result records the machine (cifarlab.machine): the machines differ from session to session.
 """
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import make_config
+from cifarlab.machine import describe_machine, machine_line
 from cifarlab.train.cpu_heap import heap_tuned, keep_cpu_heap
 
 
@@ -40,12 +42,10 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def machine_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import os
-
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+def machine_fields(device: torch.device) -> dict[str, Any]:
+    """What every result records about where it ran: a one-line "machine" and the "machine_info" dict."""
+    info = describe_machine(device)
+    return {"machine": machine_line(info), "machine_info": info}
 
 
 # -- (a) the classic loop ----------------------------------------------------------------------------------
@@ -104,7 +104,9 @@ def classic_loop(model_name: str, dataset: str, device: torch.device, batch_size
                 n += y.size(0)
         return n
 
-    return _time_phases(one_epoch, evaluate, device, repeats)
+    # fp32 NCHW on purpose: the baseline is how pytorch-cifar trains, whatever the machine offers
+    return {**_time_phases(one_epoch, evaluate, device, repeats), "amp": "off", "amp_reason": "classic loop: fp32",
+            "channels_last": False}
 
 
 # -- (b) cifarlab's Trainer with its defaults --------------------------------------------------------------
@@ -129,7 +131,8 @@ def cifarlab_loop(model_name: str, dataset: str, device: torch.device, batch_siz
         trainer.evaluate(trainer.data.test)
         return trainer.data.test.num_samples
 
-    return _time_phases(one_epoch, evaluate, device, repeats)
+    return {**_time_phases(one_epoch, evaluate, device, repeats), "amp": trainer.precision.amp,
+            "amp_reason": trainer.precision.reason, "channels_last": trainer.channels_last}
 
 
 def _time_phases(train_epoch, evaluate, device, repeats: int) -> dict[str, Any]:
@@ -166,7 +169,7 @@ def bench_throughput(model: str = "resnet18", device: str = "cpu", batch_size: i
     classic = classic_loop(model, dataset, dev, batch_size, steps, repeats, data_root)
     ours = cifarlab_loop(model, dataset, dev, batch_size, steps, repeats, data_root, compile=compile)
     result = {
-        "bench": "throughput", "model": model, "device": str(dev), "machine": machine_label(dev),
+        "bench": "throughput", "model": model, "device": str(dev), **machine_fields(dev),
         "dataset": dataset, "batch_size": batch_size, "steps": steps, "repeats": repeats, "compile": compile,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "classic": classic, "cifarlab": ours,
@@ -182,12 +185,18 @@ def format_throughput(r: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:,.0f} MB"
 
     rows = [("classic loop (pytorch-cifar)", r["classic"]), ("cifarlab Trainer", r["cifarlab"])]
-    lines = [f"{r['model']} on {r['machine']} ({r['dataset']}, batch {r['batch_size']}, {r['steps']} steps x "
+    def precision(m):
+        return "bf16" if m.get("amp") == "bf16" else "fp32"
+
+    lines = [f"machine: {r['machine']}",
+             f"{r['model']} on {r['device']} ({r['dataset']}, batch {r['batch_size']}, {r['steps']} steps x "
              f"{r['repeats']} repeats, medians)",
-             f"{'loop':<30} {'train img/s':>12} {'eval img/s':>12} {'peak mem':>10} {'ms/step':>9}"]
+             f"{'loop':<30} {'precision':>9} {'train img/s':>12} {'eval img/s':>12} {'peak mem':>10} {'ms/step':>9}"]
     for name, m in rows:
-        lines.append(f"{name:<30} {m['train_images_per_s']:>12,.1f} {m['eval_images_per_s']:>12,.1f} "
+        lines.append(f"{name:<30} {precision(m):>9} {m['train_images_per_s']:>12,.1f} {m['eval_images_per_s']:>12,.1f} "
                      f"{mem(m['peak_memory_mb']):>10} {m['ms_per_image'] * r['batch_size']:>9.1f}")
+    if r["cifarlab"].get("amp_reason"):
+        lines.append(f"cifarlab precision: {precision(r['cifarlab'])} ({r['cifarlab']['amp_reason']})")
     if r["classic"].get("cpu_heap_tuned"):
         lines.append("note: the classic loop ran on a heap this process had already tuned (it trained "
                      "before); `python -m cifarlab bench throughput` in a fresh process gives the honest ratio")
@@ -225,7 +234,7 @@ def bench_optimizer(model: str = "resnet18", device: str = "cpu", repeats: int =
             samples[name].append(time.perf_counter() - t0)
     times = {name: statistics.median(v) * 1000 for name, v in samples.items()}
     base = times.get("sgd") or next(iter(times.values()))
-    result = {"bench": "optimizer", "model": model, "device": str(dev), "machine": machine_label(dev),
+    result = {"bench": "optimizer", "model": model, "device": str(dev), **machine_fields(dev),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": repeats,
               "ms_per_step": times, "ratio_to_sgd": {k: v / base for k, v in times.items()}}
     _save(result, out_dir, f"optimizer-{model}-{dev.type}")
@@ -233,7 +242,8 @@ def bench_optimizer(model: str = "resnet18", device: str = "cpu", repeats: int =
 
 
 def format_optimizer(r: dict[str, Any]) -> str:
-    lines = [f"one optimizer step on {r['model']} ({r['machine']}, median of {r['repeats']})",
+    lines = [f"machine: {r['machine']}",
+             f"one optimizer step on {r['model']} ({r['device']}, median of {r['repeats']})",
              f"{'optimizer':<12} {'ms/step':>9} {'x SGD':>7}"]
     for k, v in r["ms_per_step"].items():
         lines.append(f"{k:<12} {v:>9.2f} {r['ratio_to_sgd'][k]:>7.2f}")

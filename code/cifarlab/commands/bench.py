@@ -1,4 +1,5 @@
-"""`python -m cifarlab bench throughput|optimizer|edropout`: side-by-side speed ratios."""
+"""`python -m cifarlab bench throughput|optimizer|edropout`: side-by-side speed ratios, each saying
+the machine it ran on (CPU model and features, threads, torch, GPU)."""
 from __future__ import annotations
 
 from cifarlab.errors import ConfigError
@@ -63,11 +64,16 @@ def run(args) -> int:
         text = bench.format_optimizer(r)
     else:
         from cifarlab.edropout.bench import bench_edropout, format_result
+        from cifarlab.train.precision import resolve_amp
 
-        r = bench_edropout(model=args.model, device=args.device, batch_size=args.batch_size, steps=args.steps)
-        r.update(bench="edropout", machine=bench.machine_label(torch.device(args.device)))
-        bench._save(r, args.out, f"edropout-{args.model}-{torch.device(args.device).type}")
-        text = format_result(r)
+        dev = torch.device(args.device)
+        # the precision training would use here (--amp auto: bf16 where the CPU or GPU has it natively)
+        amp = resolve_amp("auto", dev)
+        r = bench_edropout(model=args.model, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                           amp=amp.amp)
+        r.update(bench="edropout", amp_reason=amp.reason, **bench.machine_fields(dev))
+        bench._save(r, args.out, f"edropout-{args.model}-{dev.type}")
+        text = f"machine: {r['machine']}\n" + format_result(r)
     import sys
 
     print(f"saved {r['saved_to']}", file=sys.stderr)
