@@ -57,8 +57,8 @@ class TrainConfig:
     augment: bool = True
     cutout: int = 0
     download: bool = True
-    image_size: int | None = None  # resize to N x N: folder:/npz:/torchvision:/registered data, Flowers-102 (default 32)
-    hflip: bool = True  # random horizontal flips when augmenting; --no-hflip for digits and text (mnist/svhn never flip)
+    image_size: int | None = None  # N x N: resizes folder:/npz:/torchvision:/registered data; Flowers-102 (default 32)
+    hflip: bool = True  # random horizontal flips when augmenting; --no-hflip for digits, text (mnist never flips)
     # normalisation per channel on [0, 1]; None: the dataset's (for a user's own data measured on its
     # training split and recorded here in the run's config.yaml)
     norm_mean: list | None = None

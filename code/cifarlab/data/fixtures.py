@@ -152,3 +152,43 @@ def write_flowers102(root: str | Path, n_per_split: tuple[int, int, int] = (6, 4
     savemat(base / "setid.mat", {k: v[None, :] for k, v in split_ids.items()})
     return {"train": torch.from_numpy(labels[:a] - 1), "val": torch.from_numpy(labels[a:a + b] - 1),
             "test": torch.from_numpy(labels[a + b:] - 1)}
+
+
+def write_usps(root: str | Path, n_train: int = 30, n_test: int = 12, seed: int = 0) -> tuple[Arrays, Arrays]:
+    """root/usps.bz2 and root/usps.t.bz2, torchvision's USPS files: bz2 text in libsvm format,
+    one image a line, ``label 1:v1 ... 256:v256`` with labels 1..10 and 16 x 16 pixels in [-1, 1].
+    Returns what torchvision makes of them: uint8 ((v + 1) / 2 * 255) in float32, labels 0..9."""
+    import bz2
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for filename, n in (("usps.bz2", n_train), ("usps.t.bz2", n_test)):
+        values = np.round(rng.uniform(-1, 1, size=(n, 256)), 6)
+        labels = (np.arange(n) % 10) + 1
+        lines = [f"{lab} " + " ".join(f"{j + 1}:{v:.6f}" for j, v in enumerate(row))
+                 for lab, row in zip(labels, values)]
+        (root / filename).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+        images = ((values.astype(np.float32) + 1) / 2 * 255).astype(np.uint8).reshape(n, 1, 16, 16)
+        out.append(_as_torch(images, labels - 1))
+    return out[0], out[1]
+
+
+def write_emnist(root: str | Path, split: str = "letters", n_train: int = 40, n_test: int = 20,
+                 seed: int = 0) -> tuple[Arrays, Arrays]:
+    """root/EMNIST/raw/emnist-<split>-{train,test}-{images-idx3,labels-idx1}-ubyte, uncompressed
+    idx as torchvision extracts them. EMNIST stores each 28 x 28 image transposed: the returned
+    arrays are the upright images (what cifarlab serves); 'letters' labels run 1..26."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "EMNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    first, k = (1, 26) if split == "letters" else (0, 10)
+    out = []
+    for part, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % k + first).astype(np.uint8)
+        (folder / f"emnist-{split}-{part}-images-idx3-ubyte").write_bytes(idx_bytes(images.transpose(0, 2, 1)))
+        (folder / f"emnist-{split}-{part}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+        out.append(_as_torch(images[:, None], labels.astype(np.int64)))
+    return out[0], out[1]

@@ -1,12 +1,15 @@
 """Dataset names and their fixed facts: classes, image shape, normalisation constants.
 
-Nothing here touches the disk: ``dataset_info`` answers for datasets that are not installed,
-so a model can be built (and FLOPs counted) before any data is read.
+For the built-in datasets nothing here touches the disk: ``dataset_info`` answers for datasets
+that are not installed, so a model can be built (and FLOPs counted) before any data is read.
+A user's own data (``folder:PATH``, ``npz:FILE``, ``torchvision:NAME[:ARG]`` and names
+registered with ``register_dataset``, see custom.py) has facts only its files can tell: for
+those ``dataset_info`` loads the data (from its cache when there is one).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cifarlab.errors import ConfigError
 
@@ -21,6 +24,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     classes: list[str] = field(default_factory=list)
     fixed_size: bool = True  # False: variable-size images, the DataLoader path (Flowers-102)
+    hflip: bool = True  # horizontal flips keep the meaning of the images (not for digits or text)
 
 
 _CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -68,11 +72,56 @@ _INFOS: dict[str, DatasetInfo] = {
 HFLIP_OK = {"cifar10": True, "cifar100": True, "fashion": True, "kmnist": False, "mnist": False,
             "svhn": False, "flowers102": True, "synthetic": True}
 
+_INFOS = {k: replace(v, hflip=HFLIP_OK[k]) for k, v in _INFOS.items()}
+
+# Names of a user's own data: folder:PATH, npz:FILE, torchvision:NAME[:ARG] (see custom.py).
+CUSTOM_KINDS = ("folder", "npz", "torchvision")
+DATASET_FORMS = "synthetic:CxHxW[:classes], folder:PATH, npz:FILE, torchvision:NAME[:ARG]"
+
 _SYNTH_RE = re.compile(r"^synthetic(?::(\d+)x(\d+)x(\d+))?(?::(\d+))?$")
 
 
 def available_datasets() -> list[str]:
-    return sorted(_INFOS)
+    """Built-in names, then the names registered in this process with register_dataset."""
+    from cifarlab.data.custom import registered_datasets
+
+    return sorted(_INFOS) + [n for n in registered_datasets() if n not in _INFOS]
+
+
+def parse_custom(name: str) -> tuple[str, str] | None:
+    """(kind, argument) of a user's own dataset: ('folder', PATH), ('npz', FILE),
+    ('torchvision', 'NAME[:ARG]') or ('registered', name); None for built-in names."""
+    if not isinstance(name, str):
+        return None
+    kind, sep, arg = name.partition(":")
+    if sep and kind in CUSTOM_KINDS:
+        if not arg.strip():
+            what = {"folder": "PATH", "npz": "FILE", "torchvision": "NAME"}[kind]
+            raise ConfigError(f"dataset {name!r} is incomplete: use {kind}:{what}")
+        return kind, arg
+    from cifarlab.data.custom import registered_datasets
+
+    if name in registered_datasets():
+        return "registered", name
+    return None
+
+
+def check_dataset_name(name) -> None:
+    """Raise ConfigError unless ``name`` names a dataset: a built-in one, synthetic[:...], a
+    registered one, folder:PATH, npz:FILE or torchvision:NAME[:ARG]. Reads no files (a missing
+    folder is reported when the data is loaded, before anything is written)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"dataset must be a name, got {name!r}")
+    if name in _INFOS or parse_synthetic(name) is not None:
+        return
+    custom = parse_custom(name)
+    if custom is None:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(available_datasets())} "
+                          f"(or {DATASET_FORMS}; Python: cifarlab.data.register_dataset)")
+    if custom[0] == "torchvision":
+        from cifarlab.data.torchvision_sets import parse_torchvision
+
+        parse_torchvision(custom[1])
 
 
 def parse_synthetic(name: str) -> tuple[tuple[int, int, int], int] | None:
@@ -97,8 +146,15 @@ def base_name(name: str) -> str:
     return "synthetic" if parse_synthetic(name) is not None else name
 
 
-def dataset_info(name: str, image_size: int | tuple[int, int] | None = None) -> DatasetInfo:
-    """Facts of a dataset; ``image_size`` overrides the output size of variable-size datasets."""
+def dataset_info(name: str, image_size: int | tuple[int, int] | None = None, data_root=None,
+                 download: bool = False) -> DatasetInfo:
+    """Facts of a dataset; ``image_size`` overrides the output size of variable-size datasets
+    and resizes a user's own data. ``data_root`` and ``download`` matter only for a user's own
+    data, which is loaded (or read from its cache) to answer."""
+    if isinstance(name, str) and name not in _INFOS and parse_custom(name) is not None:
+        from cifarlab.data.custom import load_custom
+
+        return load_custom(name, data_root, image_size, download).info
     synth = parse_synthetic(name) if isinstance(name, str) else None
     if synth is not None:
         from cifarlab.data.synthetic import SYNTH_MEAN, SYNTH_STD
@@ -107,13 +163,12 @@ def dataset_info(name: str, image_size: int | tuple[int, int] | None = None) -> 
         return DatasetInfo(name, k, c, (h, w), (SYNTH_MEAN,) * c, (SYNTH_STD,) * c,
                            [f"class {i}" for i in range(k)])
     if name not in _INFOS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(available_datasets())} "
-                          f"(or synthetic:CxHxW[:classes])")
+        check_dataset_name(name)  # raises, listing the valid names and forms
     info = _INFOS[name]
     if name == "flowers102":
         from torchvision.datasets import Flowers102
 
         size = image_size or 32
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        info = DatasetInfo(name, 102, 3, hw, info.mean, info.std, list(Flowers102.classes), False)
+        info = DatasetInfo(name, 102, 3, hw, info.mean, info.std, list(Flowers102.classes), False, info.hflip)
     return info

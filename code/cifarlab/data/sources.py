@@ -165,7 +165,15 @@ def _places(name: str, root: Path) -> list[Path]:
 
 def dataset_location(name: str, root: str | Path | None = None) -> Path | None:
     """The first searched folder that holds ``name``'s files (data root, then system
-    locations), without copying anything; None when absent (and for synthetic data)."""
+    locations), without copying anything; None when absent (and for synthetic data). For
+    folder:PATH and npz:FILE the path itself when it exists; None for other custom data."""
+    from cifarlab.data.custom import is_custom
+    from cifarlab.data.registry import parse_custom
+
+    if is_custom(name):
+        kind, arg = parse_custom(name)
+        path = Path(arg).expanduser()
+        return path if kind in ("folder", "npz") and path.exists() else None
     dataset_info(name)
     if parse_synthetic(name) is not None:
         return None
@@ -348,6 +356,11 @@ def load_arrays(name: str, root: str | Path | None = None, train: bool = True, d
     ``synthetic[:CxHxW][:classes]`` reads no files; kwargs: size (default 5000 train / 1000
     test), shape, num_classes, seed (train uses seed, test seed + 1; the class patterns are shared).
     """
+    from cifarlab.data.custom import is_custom, load_custom
+
+    if is_custom(name):  # folder:, npz:, torchvision:, registered (kwargs: image_size)
+        data = load_custom(name, root, kw.get("image_size"), download)
+        return data.train if train else data.test
     synth = parse_synthetic(name) if isinstance(name, str) else None
     if synth is not None:
         from cifarlab.data.synthetic import make_synthetic
@@ -381,7 +394,15 @@ def torchvision_dataset(name: str, root: str | Path | None = None, train: bool =
                         download: bool = False, **kw):
     """The plain torchvision dataset (PIL images, int labels) for the classic DataLoader loop,
     found the same way as load_arrays (Debian's Fashion-MNIST included). Synthetic data comes
-    as a small Dataset of PIL images."""
+    as a small Dataset of PIL images, and so does a user's own data."""
+    from cifarlab.data.custom import is_custom, load_custom
+
+    if is_custom(name):
+        from cifarlab.data.synthetic import SyntheticVisionDataset
+
+        data = load_custom(name, root, kw.get("image_size"), download)
+        images, labels = data.train if train else data.test
+        return SyntheticVisionDataset(images, labels, transform, data.info.classes)
     if isinstance(name, str) and parse_synthetic(name) is not None:
         from cifarlab.data.synthetic import SyntheticVisionDataset
 

@@ -30,13 +30,14 @@ class Cutout:
         return x
 
 
-def flowers_transforms(size: int, mean, std, train: bool, augment: bool, cutout: int = 0):
-    """PIL -> normalised tensor. Training with augmentation: RandomResizedCrop + flip (+ cutout);
-    otherwise Resize(shorter side) + CenterCrop, which keeps the aspect ratio."""
+def flowers_transforms(size: int, mean, std, train: bool, augment: bool, cutout: int = 0, flip: bool = True):
+    """PIL -> normalised tensor. Training with augmentation: RandomResizedCrop + flip (unless
+    ``flip`` is False) (+ cutout); otherwise Resize(shorter side) + CenterCrop, which keeps the
+    aspect ratio."""
     from torchvision import transforms as T
 
     if train and augment:
-        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]
+        steps = [T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if flip else []) + [T.ToTensor()]
         if cutout > 0:
             steps.append(Cutout(cutout))
     else:
