@@ -119,17 +119,69 @@ def test_road_rewards_the_map_that_points_at_the_evidence():
     assert road_scores(model, x, ramp, [0], percentiles=(50,))[0] == good[0]
 
 
-def test_cam_study_figure_and_road(tiny, tmp_path):
-    x = torch.randn(3, 3, 8, 8)
-    study = cam_study(tiny, x, [0, 1, 2], ["gradcam", "Grad-CAM++", "eigencam"], road_percentiles=(30, 70))
-    assert study.layer == "stage2"
-    assert list(study.cams) == ["gradcam", "gradcam++", "eigencam"]
-    assert all(s.shape == (3,) and np.isfinite(s).all() for s in study.road.values())
-    assert set(study.road_table()) == {"gradcam", "gradcam++", "eigencam"}
-    assert len(study.preds) == 3
-    path = cam_figure(study, tmp_path / "cam.png", mean=(0.5,), std=(0.2,), class_names=["a", "b", "c"], title="t")
+class Planted(nn.Module):
+    """Class c's logit is the mean of input channel c, passed through an identity 1x1 conv + ReLU
+    (the CAM layer): Grad-CAM's weights are 1/HW on channel c only, so the CAM for class c is
+    channel c of the image, normalised - it lights up exactly where that class's evidence is."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            self.fc.weight.copy_(torch.eye(2))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def planted_batch():
+    """Two 8x8 images, each with a weak blob of its labelled class and a strong blob of the other
+    class, so the model predicts the other class: predictions differ from labels everywhere."""
+    x = torch.zeros(2, 2, 8, 8)
+    x[0, 0, 0:2, 0:2] = 1.0  # label 0: weak class-0 evidence top-left
+    x[0, 1, 6:8, 6:8] = 3.0  # strong class-1 evidence bottom-right -> predicted 1
+    x[1, 1, 0:2, 6:8] = 1.0  # label 1: weak class-1 evidence top-right
+    x[1, 0, 6:8, 0:2] = 3.0  # strong class-0 evidence bottom-left -> predicted 0
+    return x, [0, 1]
+
+
+def blob_of(cam: np.ndarray) -> tuple[int, int]:
+    """(row, col) quadrant of the CAM's mass: 0 = top / left, 1 = bottom / right."""
+    r, c = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return int(r >= cam.shape[0] // 2), int(c >= cam.shape[1] // 2)
+
+
+def test_cam_study_explains_the_label_or_the_prediction(tmp_path):
+    model = Planted()
+    x, labels = planted_batch()
+    methods = ["gradcam", "Grad-CAM++", "eigencam"]
+    by_label = cam_study(model, x, labels, methods, road_percentiles=(30, 70))
+    by_pred = cam_study(model, x, labels, methods, target="pred", road_percentiles=(30, 70))
+    for study in (by_label, by_pred):
+        assert study.layer == "features" and study.labels == [0, 1] and study.preds == [1, 0]
+        assert list(study.cams) == ["gradcam", "gradcam++", "eigencam"]
+    where = {"label": [(0, 0), (0, 1)], "pred": [(1, 1), (1, 0)]}  # quadrants of each image's evidence
+    for target, study in (("label", by_label), ("pred", by_pred)):
+        for m in ("gradcam", "gradcam++"):  # class-specific methods follow the target
+            assert [blob_of(c) for c in study.cams[m]] == where[target], (target, m)
+            # the whole map is that class's blob: inside ~1, everywhere else 0
+            for cam, (r, c) in zip(study.cams[m], where[target]):
+                inside = cam[6 * r:6 * r + 2, 6 * c:6 * c + 2]
+                assert inside.min() > 0.9 and cam.sum() == pytest.approx(inside.sum(), abs=1e-4)
+        # ROAD scored each map against the same class it explains
+        expected = road_scores(model, x, study.cams["gradcam"], study.labels if target == "label" else study.preds,
+                               percentiles=(30, 70))
+        np.testing.assert_array_equal(study.road["gradcam"], expected)
+        assert set(study.road_table()) == {"gradcam", "gradcam++", "eigencam"}
+    # Eigen-CAM ignores the target: the same map both ways
+    np.testing.assert_array_equal(by_label.cams["eigencam"], by_pred.cams["eigencam"])
+    path = cam_figure(by_pred, tmp_path / "cam.png", mean=(0.5,), std=(0.2,), class_names=["a", "b"], title="t")
     assert path.read_bytes()[:4] == b"\x89PNG"
-    assert no_hooks(tiny)
+    assert no_hooks(model)
 
 
 def test_bad_method_and_layer_are_clear(tiny):

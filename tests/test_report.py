@@ -212,3 +212,16 @@ def test_interpretation_section_picks_up_cam_and_insight_figures(logs, tmp_path)
     assert "| Grad-CAM | +0.1234 |" in readme
     assert "(img/confusion-all-200ep-resnet18.png)" in readme
     assert (out / "img" / "gradcam-all-200ep-resnet18.png").read_bytes() == png.read_bytes()
+
+
+def test_unfinished_run_best_epoch_is_the_first_of_equal_validation_peaks(tmp_path):
+    # no summary.json yet: the table falls back to metrics.csv, and a tie keeps the first epoch,
+    # as the Trainer's best-checkpoint rule (strictly better only) does
+    root = tmp_path / "log"
+    make_run(root / "grid" / "tied", done=4, finished=False, val_accs=[0.5, 0.7, 0.6, 0.7])
+    (run,) = find_runs(root)
+    epoch, acc = run.best_epoch_and_acc
+    assert epoch == 2 and acc == pytest.approx(70.0)
+    readme = build_report(root, tmp_path / "report").read_text()
+    row = dict(zip(header(readme), table_row(readme, "tied")))
+    assert row["best epoch"] == "2" and row["best val acc (%)"] == "70.00"

@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 # A tiny job: LeNet-5 on seeded synthetic images, a few hundred of them.
 TINY = ["--model", "lenet5", "--dataset", "synthetic", "--train-subset", "256", "--test-subset", "128",
         "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "off"]
+# A tiny dropout network: its masks come from the global RNG, so a resume that does not restore
+# the RNG state trains differently from an uninterrupted run (LeNet-5 draws no random numbers).
+RANDOM_TINY = ["--model", "preresnet_drop", "--depth", "11", "--arg1", "0.25", "--drop-type", "neuron",
+               "--drop-rate", "0.3", "--dataset", "synthetic:3x16x16", "--train-subset", "256",
+               "--test-subset", "128", "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "off"]
 SCORE_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
 
 
@@ -88,22 +93,84 @@ def test_callbacks_add_columns_and_see_every_epoch(tmp_path):
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["extra_column"].tolist() == [10, 20, 30]
 
 
-def test_test_set_is_scored_with_the_best_validation_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, epochs=3)
-    summary = Trainer(cfg).fit()
+class _Snapshots(Callback):
+    """The model's state at the end of every epoch, to tell afterwards whose weights were scored."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_epoch_end(self, trainer, epoch, row):
+        self.states[epoch] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    def epoch_of(self, state, current):
+        hits = [e for e, s in self.states.items() if all(torch.equal(s[k], state[k]) for k in s)]
+        assert len(hits) <= 1, hits
+        return hits[0] if hits else current  # not snapshotted yet: the epoch being trained
+
+
+def script_evaluation(monkeypatch, snaps, val=None, test=None):
+    """Replace Trainer.evaluate: validation accuracy scripted per epoch; test accuracy scripted per
+    epoch *of the weights scored* (None: the real evaluation). Records every call."""
+    real = Trainer.evaluate
+    calls = []
+
+    def evaluate(self, loader):
+        if loader is self.data.val and val is not None:
+            calls.append(("val", self.epoch))
+            return 1.0 - val[self.epoch - 1], val[self.epoch - 1]
+        if loader is self.data.test:
+            weights_of = snaps.epoch_of(self.model.state_dict(), self.epoch)
+            calls.append(("test", weights_of))
+            if test is not None:
+                return 1.0 - test[weights_of - 1], test[weights_of - 1]
+        return real(self, loader)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    return calls
+
+
+def test_best_checkpoint_is_the_first_validation_peak_and_test_is_scored_once(tmp_path, monkeypatch):
+    # validation peaks at epoch 2 and ties at 4; the test set would prefer epoch 3. Model selection
+    # must follow validation, keep the first of equal peaks, and look at the test set once, at the end.
+    val = [0.50, 0.80, 0.60, 0.80, 0.70]
+    test = [0.40, 0.60, 0.90, 0.50, 0.55]
+    snaps = _Snapshots()
+    calls = script_evaluation(monkeypatch, snaps, val, test)
+    summary = Trainer(tiny_config(tmp_path, epochs=5, train_subset=64, test_subset=32, batch_size=32),
+                      callbacks=[snaps]).fit()
+    assert [c for c in calls if c[0] == "test"] == [("test", 2)]
+    assert summary["best_epoch"] == 2 and summary["best_val_acc"] == 0.80
+    assert summary["test_acc"] == 0.60 and summary["test_error"] == pytest.approx(40.0)
     best = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)
-    assert best["epoch"] == summary["best_epoch"]
-    # re-score best.pt by hand: same test accuracy
+    assert best["epoch"] == 2 and snaps.epoch_of(best["model"], None) == 2
+    assert pd.read_csv(tmp_path / "run/metrics.csv")["val_acc"].tolist() == val
+    assert "(best-validation checkpoint, epoch 2)" in (tmp_path / "run/log.txt").read_text()
+
+
+def test_test_set_is_scored_with_the_best_validation_checkpoint(tmp_path, monkeypatch):
+    # validation (scripted) is best after epoch 1 of 3, so best.pt is not the last weights; the
+    # test set is scored for real: its loss must be that of epoch 1's weights, re-scored by hand
+    cfg = tiny_config(tmp_path, epochs=3)
+    real_evaluate = Trainer.evaluate
+    snaps = _Snapshots()
+    calls = script_evaluation(monkeypatch, snaps, val=[0.9, 0.5, 0.7])
+    summary = Trainer(cfg, callbacks=[snaps]).fit()
+    assert summary["best_epoch"] == 1 and calls[-1] == ("test", 1)
+    best = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)
+    assert best["epoch"] == 1 and snaps.epoch_of(best["model"], None) == 1
     t = Trainer(cfg, write=False)
     t._setup()
-    t.model.load_state_dict(best["model"])
-    _, acc = t.evaluate(t.data.test)
-    assert acc == pytest.approx(summary["test_acc"], abs=1e-9)
+    scores = {}
+    for epoch in (1, 3):
+        t.model.load_state_dict(snaps.states[epoch])
+        scores[epoch] = real_evaluate(t, t.data.test)
+    assert scores[1] != scores[3]  # the two candidates are distinguishable
+    assert (summary["test_loss"], summary["test_acc"]) == pytest.approx(scores[1], abs=1e-9)
 
 
 @pytest.mark.parametrize("kill", ["after-epoch", "during-save"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, kill):
-    args = [*TINY, "--epochs", "4", "--scheduler", "cosine"]
+    args = [*RANDOM_TINY, "--epochs", "4", "--scheduler", "cosine"]
     ref = run_cli("train", *args, "--run-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "killed"
