@@ -55,8 +55,9 @@ def _grid(tmp_path, text):
 
 def test_override_flags():
     assert override_flags({"epochs": 2, "train_subset": None, "hflip": False, "cutout": True,
-                           "lrs": [0.1, 0.01], "dataset": "fashion"}) == [
-        "--epochs", "2", "--no-hflip", "--cutout", "--lrs", "0.1,0.01", "--dataset", "fashion"]
+                           "lrs": [0.1, 0.01], "dataset": "fashion", "model_kwargs": {"depth": 8, "widen": 2}}) == [
+        "--epochs", "2", "--no-hflip", "--cutout", "--lrs", "0.1,0.01", "--dataset", "fashion",
+        "--model-kwargs", "depth=8,widen=2"]
 
 
 def test_read_grid_selects_runs_and_reports_bad_names(tmp_path):
@@ -160,3 +161,13 @@ def test_the_grid_runner_reports_a_run_in_use_and_goes_on(tmp_path):
         holder.wait()
     assert [r.status for r in results] == ["failed", "done"]
     assert sorted(p.name for p in (log / "g" / "a").iterdir()) == [".lock"]
+
+
+def test_run_grid_check_raises_after_running_the_others(tmp_path):
+    from cifarlab.errors import CifarlabError
+
+    grid = _grid(tmp_path, "bad train --model no_such_model\ngood train " + " ".join(TINY) + "\n")
+    log = tmp_path / "log"
+    with pytest.raises(CifarlabError, match=r"1 of 2 runs failed: .*bad"):
+        run_grid("g", grid_dir=grid, log_root=log, overrides={"epochs": 1}, check=True)
+    assert json.loads((log / "g" / "good" / "summary.json").read_text())["finished"]

@@ -47,3 +47,16 @@ def under_root(path: str | Path | None, default: Path) -> Path:
     """``path`` when given (relative paths keep their usual meaning: the working directory),
     else the default folder under the project root."""
     return Path(path).expanduser() if path not in (None, "") else default
+
+
+def notebook_paths(log_root: str | Path | None = None, out: str | Path | None = None,
+                   smoke: bool = False) -> tuple[Path, Path, Path]:
+    """(root, log, img) for a notebook: the project root, where runs go (``log_root`` or
+    <root>/log; SMOKE runs under <log>/smoke so they never mix with real ones) and where figures
+    go (``out`` or <root>/report/img; <log>/smoke/img for SMOKE runs)."""
+    root = project_root()
+    log = Path(log_root).expanduser() if log_root else root / "log"
+    if smoke:
+        log = log / "smoke"
+    img = Path(out).expanduser() if out else (log / "img" if smoke else root / "report" / "img")
+    return root, log, img

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from cifarlab.errors import ConfigError
+from cifarlab.errors import CifarlabError, ConfigError
 from cifarlab.paths import grid_dir as default_grid_dir
 from cifarlab.paths import log_dir as default_log_dir
 
@@ -58,7 +58,8 @@ def available_groups(grid_dir: str | Path | None = None) -> list[str]:
 
 def override_flags(overrides: dict[str, Any] | None) -> list[str]:
     """{"epochs": 2, "train_subset": 256, "progress": "off", "amp": None} -> CLI flags
-    (True -> --flag, False -> --no-flag, None -> left out, lists -> comma-separated)."""
+    (True -> --flag, False -> --no-flag, None -> left out, lists -> comma-separated,
+    dicts -> k=v,k=v)."""
     flags: list[str] = []
     for key, value in (overrides or {}).items():
         flag = "--" + key.replace("_", "-")
@@ -70,6 +71,8 @@ def override_flags(overrides: dict[str, Any] | None) -> list[str]:
             flags.append("--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             flags += [flag, ",".join(str(v) for v in value)]
+        elif isinstance(value, dict):  # --model-kwargs depth=8,widen=2
+            flags += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
         else:
             flags += [flag, str(value)]
     return flags
@@ -120,13 +123,14 @@ def run_grid(groups: str | Iterable[str] | None = None, *, only: Iterable[str] |
              overrides: dict[str, Any] | None = None, extra: str | Iterable[str] = (),
              gpus: Iterable[str | int] | None = None, dry_run: bool = False,
              grid_dir: str | Path | None = None, log_root: str | Path | None = None,
-             echo: Callable[[str], None] | None = None) -> list[GridResult]:
+             echo: Callable[[str], None] | None = None, check: bool = False) -> list[GridResult]:
     """Run the grid's lines: finished runs are skipped, unfinished ones resumed (--resume).
 
     Without ``gpus`` the runs train one after another in this process (a notebook sees their
     progress bars and live plots); with ``gpus=["0", "1"]`` each GPU gets a queue of
     subprocesses (CUDA_VISIBLE_DEVICES=<id>, output in <run-dir>/stdout.txt), run in parallel.
-    ``dry_run`` prints the commands only. A failed run is reported and the others still run.
+    ``dry_run`` prints the commands only. A failed run is reported and the others still run;
+    with ``check=True`` a CifarlabError naming the failed runs is raised at the end.
     """
     echo = echo or (lambda msg: print(msg, file=sys.stderr))
     if groups is None:
@@ -155,7 +159,10 @@ def run_grid(groups: str | Iterable[str] | None = None, *, only: Iterable[str] |
         results += _run_queues(todo, gpu_list, echo)
     failed = [r for r in results if not r.ok]
     if failed:
-        echo(f"{len(failed)} of {len(results)} runs failed: " + ", ".join(str(r.run.run_dir) for r in failed))
+        message = f"{len(failed)} of {len(results)} runs failed: " + ", ".join(str(r.run.run_dir) for r in failed)
+        if check:
+            raise CifarlabError(message)
+        echo(message)
     return results
 
 
