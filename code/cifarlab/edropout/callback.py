@@ -23,26 +23,39 @@ greedy selection keeps the best parent and its cost whenever no trial beats it) 
 of every epoch — no other host synchronisation. Steps after a repeat that the host has not read
 yet already train the frozen state; only their (discarded) search is wasted.
 
-Evaluation: the Trainer's val/test numbers are EDropout(P) (best state on) — the network this
-method delivers, and what selects the best checkpoint. The callback adds EDropout(F) (every
-unit on): ``val_acc_F`` per epoch and ``test_acc_F`` at the end, R = ``params_kept_pct`` (see
-``cifarlab.edropout.export``) and the accuracy of the physically pruned export.
-The test evaluation uses the state of the best-validation epoch, matching the weights the
-Trainer restores from best.pt.
+Evaluation: the Trainer's val/test numbers are EDropout(P) (best state on, BatchNorm running
+statistics of the masked training) — the network this method delivers, and what selects the
+best checkpoint. The test evaluation uses the state of the best-validation epoch, matching the
+weights the Trainer restores from best.pt. The callback adds (summary.json, issue 12):
+  * ``f_acc``: EDropout(F), every unit on, after recalibrating BatchNorm for the all-on network
+    on up to ``bn_recal_batches`` training batches (edropout/recalibrate.py; the statistics
+    gathered under the masks do not fit it); ``val_acc_F`` per epoch the same way;
+  * ``f_acc_batch_stats``: F with each test batch's own statistics (the released code's way);
+  * ``r_paper`` (R as the released code counts it), ``r_params`` and ``flops_kept`` (the
+    physically pruned export against the dense network), fractions; ``test_acc_pruned``;
+  * the search's bookkeeping: ``search_steps`` (steps whose training state came from the search,
+    up to the freeze), ``state_changes`` (how often that state changed), and per unit the number
+    of those steps that kept it (``kept_steps``, in edropout_state.pt), summarised as
+    ``units_never_trained``, the fraction of units no search step kept: their weights never left
+    their initialisation before the freeze.
+All the bookkeeping lives on the device and is read with the epoch's one host sync.
 
 Random-mask baselines (``edropout_random_keep``): one fixed random state keeping that fraction
-of the units, frozen from the first step — the same masked training without the search.
+of the units, frozen from the first step — the same masked training without the search. They
+report P, R and the export only: F is meaningless for a state that never changed.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import platform
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from cifarlab.edropout import search as S
+from cifarlab.edropout.recalibrate import bn_batch_stats, bn_state_restored, recalibrate_bn
 from cifarlab.edropout.unit_masks import UnitMasks
 from cifarlab.errors import CheckpointError
 from cifarlab.train.callbacks import Callback
@@ -52,14 +65,33 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def describe_hardware(device) -> str:
+    """The machine a run used, for the report's labels: the GPU's name, or the CPU model and
+    the number of threads PyTorch computes with."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
+
+
 class EDropout(Callback):
     def __init__(self, states: int = 8, freeze_epoch: int = 100, p0: float = 0.5, mutation: str = "original",
                  random_keep: float | None = None, seed: int = 0, chunk: int | None = None,
-                 probe: bool | None = None, export: bool = True):
+                 probe: bool | None = None, export: bool = True, bn_recal_batches: int = 100):
         if mutation not in S.MUTATION_RULES:
             raise ValueError(f"unknown mutation rule {mutation!r}")
         self.ns, self.freeze_epoch, self.p0, self.mutation = states, freeze_epoch, p0, mutation
         self.random_keep, self.seed, self.export = random_keep, seed, export
+        # training batches forwarded to recalibrate BatchNorm for F (12,800 images at batch 128;
+        # the running statistics of training average about 10 batches, momentum 0.1)
+        self.bn_recal_batches = bn_recal_batches
         # how candidates are scored (UnitMasks): one forward per candidate computing only its
         # kept filters ("probe"; default on CPU), or stacked populations of ``chunk`` candidates
         # per forward (default on GPU, chunk None = all NS at once)
@@ -67,6 +99,7 @@ class EDropout(Callback):
         self.masks: UnitMasks | None = None
         self._pending: dict | None = None
         self._eval_full = False  # evaluate with every unit on (EDropout F)
+        self._eval_batch_stats = False  # ... with BatchNorm using each batch's statistics
         self._between_epochs = False
         self._checked = False  # the freeze phase's mid-epoch host read done this epoch
         self._kept_cache: tuple[bytes, dict] | None = None
@@ -95,6 +128,10 @@ class EDropout(Callback):
         self.converged = torch.zeros((), dtype=torch.bool, device=self.device)
         self.frozen_state = torch.ones(d, dtype=torch.bool, device=self.device)
         self.frozen_epoch = None
+        # bookkeeping of the search, on the device (read with the epoch's one host sync)
+        self.search_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.state_changes = torch.zeros((), dtype=torch.long, device=self.device)
+        self.kept_steps = torch.zeros(d, dtype=torch.int32, device=self.device)
         if self.random_keep is None:
             self.pop = S.init_population(self.ns, d, self.p0, self.gen)
             self.state = self.pop[0].clone()  # until the first step has scored the population
@@ -146,18 +183,22 @@ class EDropout(Callback):
         return costs
 
     def search_step(self, model, x, y, epoch: int, autocast=None) -> None:
-        """One generation on this batch; sets ``self.state`` (the state that masks this step)."""
-        if self.costs is None:  # first step: score the initial population itself
+        """One generation on this batch; sets ``self.state`` (the state that masks this step):
+        the best of the population by cost, or the frozen state once the best cost repeated.
+        No host synchronisation (a test counts them)."""
+        first = self.costs is None
+        if first:  # first step: score the initial population itself
             trial = self.pop
         else:
             trial = S.trial_population(self.pop, self.gen, self.mutation)
         trial_costs = self.score(model, trial, x, y, autocast)
-        if self.costs is None:
+        if first:
             self.pop, self.costs = trial, trial_costs
         else:
             self.pop, self.costs = S.select(self.pop, self.costs, trial, trial_costs)
         best, self.best_cost = S.best_of(self.pop, self.costs)
         repeated, self.history = S.convergence_step(self.history, self.best_cost)
+        before, searching = self.state, ~self.converged  # converged before this step: not a search step
         if epoch >= self.freeze_epoch:
             newly = repeated & ~self.converged
             self.frozen_state = torch.where(newly, best, self.frozen_state)
@@ -165,14 +206,21 @@ class EDropout(Callback):
             self.state = torch.where(self.converged, self.frozen_state, best)
         else:
             self.state = best
+        self.search_steps += searching
+        self.kept_steps += self.state & searching
+        if not first:  # the first state replaces a placeholder, not a chosen state
+            self.state_changes += (self.state != before).any() & searching
 
-    def _train_model(self, trainer):
-        # DDP wrapper when there is one (gradient sync), never the compiled one (the masking
-        # forwards are switched per step, which a compiled graph would not see)
+    @staticmethod
+    def _train_model(trainer):
+        """The module the masked step runs: the DDP wrapper when there is one (its backward
+        averages the ranks' gradients), never the compiled one (the masking forwards switch per
+        step, which a compiled graph would not see). With --compile the Trainer wraps DDP in
+        torch.compile: unwrap the compiled module, not the DDP wrapper under it."""
         m = getattr(trainer, "train_model", None)
-        if m is None or getattr(trainer.cfg, "compile", False):
+        if m is None:
             return trainer.model
-        return m
+        return getattr(m, "_orig_mod", m)  # torch.compile's OptimizedModule keeps what it wraps there
 
     def forward_loss(self, trainer, x, y):
         if not self.frozen:
@@ -226,7 +274,11 @@ class EDropout(Callback):
         else:
             self.masks.set_state(self.eval_state(trainer))
         try:
-            yield
+            if self._eval_batch_stats:  # Trainer.evaluate has set eval mode: BN layers back to batch statistics
+                with bn_batch_stats(trainer.model):
+                    yield
+            else:
+                yield
         finally:
             self.masks.set_state(self.state)
 
@@ -235,35 +287,64 @@ class EDropout(Callback):
             return contextlib.nullcontext()
         return self._eval_masks(trainer)
 
-    def evaluate_full(self, trainer, loader):
-        """(loss, acc) with every unit on: EDropout(F)."""
-        self._eval_full = True
+    def recalibrate_full(self, trainer) -> int:
+        """BatchNorm running statistics for the all-on network, from training batches (the
+        caller restores the old ones: ``bn_state_restored``). Returns the images used."""
+        self.masks.full()
         try:
-            return trainer.evaluate(loader)
+            return recalibrate_bn(trainer.model, trainer.data.train, self.bn_recal_batches, trainer.autocast,
+                                  getattr(trainer, "channels_last", False))
         finally:
-            self._eval_full = False
+            self.masks.set_state(self.state)
+
+    def evaluate_full(self, trainer, loader, bn: str = "recalibrated"):
+        """(loss, acc) with every unit on: EDropout(F). ``bn``: "recalibrated" (running
+        statistics recomputed for the all-on network) or "batch" (each batch's statistics).
+        Every BatchNorm buffer is restored afterwards, bit for bit."""
+        if bn not in ("recalibrated", "batch"):
+            raise ValueError(f"bn must be 'recalibrated' or 'batch', got {bn!r}")
+        with bn_state_restored(trainer.model):
+            if bn == "recalibrated":
+                self.recalibrate_full(trainer)
+            self._eval_full, self._eval_batch_stats = True, bn == "batch"
+            try:
+                return trainer.evaluate(loader)
+            finally:
+                self._eval_full = self._eval_batch_stats = False
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         self._between_epochs = False
         self._checked = False
 
+    def search_counts(self) -> dict[str, Any]:
+        """search_steps, state_changes, units_never_trained (fraction): one host read."""
+        steps, changes, never = torch.stack([self.search_steps.double(), self.state_changes.double(),
+                                             (self.kept_steps == 0).double().mean()]).tolist()
+        return {"search_steps": int(steps), "state_changes": int(changes), "units_never_trained": never}
+
     def on_epoch_end(self, trainer, epoch: int, row: dict[str, Any]) -> None:
-        # the epoch's one host sync for the search: converged flag, best cost, units kept
-        conv, cost, kept = torch.stack([self.converged.float(), self.best_cost.float(),
-                                        self.state.float().mean()]).tolist()
+        # the epoch's one host sync for the search: converged flag, best cost, units kept, counts
+        conv, cost, kept, steps, changes, never = torch.stack([
+            self.converged.double(), self.best_cost.double(), self.state.double().mean(),
+            self.search_steps.double(), self.state_changes.double(), (self.kept_steps == 0).double().mean()]).tolist()
         if not self.frozen and conv:
             self.frozen, self.frozen_epoch = True, epoch
             self.state = self.frozen_state.clone()
             kept = self.state.float().mean().item()
         row["val_acc_P"] = row.get("val_acc")
         data = getattr(trainer, "data", None)
-        if data is not None and getattr(data, "val", None) is not None:
+        if self.mode == "search" and data is not None and getattr(data, "val", None) is not None:
             row["val_loss_F"], row["val_acc_F"] = self.evaluate_full(trainer, data.val)
         row["units_kept_pct"] = 100.0 * kept
+        from cifarlab.edropout.export import r_paper
+
+        row["r_paper"] = r_paper(self.masks.layers, self.state)
         if self.export:
             row["params_kept_pct"] = self.kept_info(trainer, self.state)["params_kept_pct"]
         row["best_cost"] = cost if math.isfinite(cost) else None
         row["edropout_frozen"] = int(self.frozen)
+        if self.mode == "search":
+            row["search_steps"], row["state_changes"], row["units_never_trained"] = int(steps), int(changes), never
         score = row.get("val_acc") if row.get("val_acc") is not None else row.get("train_acc")
         if score is not None and score > getattr(trainer, "best_val_acc", -1.0):
             self.best_epoch_state = self.state.clone()  # the Trainer will save this epoch as best.pt
@@ -284,23 +365,35 @@ class EDropout(Callback):
         return self._kept_cache[1]
 
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+        from cifarlab.edropout.export import r_paper
+
         state = self.eval_state(trainer)
         d = self.masks.size
+        search = self.mode == "search"
         summary.update({
             "edropout_mode": self.mode, "edropout_random_keep": self.random_keep,
             "edropout_units": d, "units_kept": int(state.sum().item()),
             "units_kept_pct": 100.0 * state.float().mean().item(),
             "edropout_frozen_epoch": self.frozen_epoch,
             "test_acc_P": summary.get("test_acc"),
+            "r_paper": r_paper(self.masks.layers, state),
         })
+        summary.setdefault("hardware", describe_hardware(self.device))
+        if search:
+            summary.update(self.search_counts())
         hist = getattr(trainer, "history", [])
         best_row = next((r for r in hist if r.get("epoch") == getattr(trainer, "best_epoch", None)), None)
         if best_row is not None:
             summary["val_acc_P"] = best_row.get("val_acc")
-            summary["val_acc_F"] = best_row.get("val_acc_F")
+            if search:
+                summary["val_acc_F"] = best_row.get("val_acc_F")
         data = getattr(trainer, "data", None)
-        if summary.get("test_acc") is not None and data is not None:
-            summary["test_acc_F"] = self.evaluate_full(trainer, data.test)[1]
+        if search and summary.get("test_acc") is not None and data is not None:
+            # the best checkpoint's weights (the Trainer loaded best.pt), every unit on
+            summary["f_acc"] = self.evaluate_full(trainer, data.test, "recalibrated")[1]
+            summary["f_acc_batch_stats"] = self.evaluate_full(trainer, data.test, "batch")[1]
+            summary["f_bn_recal_batches"] = min(self.bn_recal_batches, len(data.train))
+            summary["f_batch_stats_batch_size"] = getattr(data.test, "batch_size", None)
         if not self.export or data is None:
             return
         from cifarlab.edropout.export import evaluate_model, export_pruned, write_edropout_files
@@ -308,10 +401,14 @@ class EDropout(Callback):
         pruned, info = export_pruned(trainer.model, self.masks.layers, state, self.example_input(trainer))
         summary["params_kept_pct"] = info["params_kept_pct"]
         summary["pruned_params"] = info["pruned_params"]
+        summary["r_params"] = info["r_params"]
+        summary["flops_kept"] = info["flops_kept"]
         if summary.get("test_acc") is not None:
             summary["test_acc_pruned"] = evaluate_model(pruned, data.test, trainer)
         if trainer.run_dir is not None:
-            write_edropout_files(trainer.run_dir, self.masks.layers, state, info)
+            write_edropout_files(trainer.run_dir, self.masks.layers, state, info,
+                                 kept_steps=self.kept_steps if search else None,
+                                 search_steps=summary.get("search_steps"))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -322,7 +419,8 @@ class EDropout(Callback):
             "history": self.history, "best_cost": self.best_cost, "converged": self.converged,
             "frozen_state": self.frozen_state, "state": self.state, "frozen": self.frozen,
             "frozen_epoch": self.frozen_epoch, "best_epoch_state": self.best_epoch_state,
-            "generator": self.gen.get_state(),
+            "generator": self.gen.get_state(), "search_steps": self.search_steps,
+            "state_changes": self.state_changes, "kept_steps": self.kept_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -348,6 +446,9 @@ class EDropout(Callback):
         self.state, self.best_epoch_state = to(st["state"]), to(st["best_epoch_state"])
         self.frozen, self.frozen_epoch = bool(st["frozen"]), st["frozen_epoch"]
         self.gen.set_state(st["generator"].cpu())
+        if "kept_steps" in st:  # checkpoints from before the bookkeeping start it at zero
+            self.search_steps, self.state_changes = to(st["search_steps"]), to(st["state_changes"])
+            self.kept_steps = to(st["kept_steps"])
 
 
 def callbacks_from_config(cfg) -> list[Callback]:

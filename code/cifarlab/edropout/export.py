@@ -13,9 +13,15 @@ masked model computes (evaluation mode) with the dropped units removed:
   3. the classifier's remaining dropped inputs are removed by slicing its weight columns and
      selecting the kept inputs (``SelectInputs``).
 
-R ("params_kept_pct") = parameters of the export that are not structurally zero / parameters
-of the original model. So a dropped filter counts as removed with its BN channel, and the next
-layer's inputs count as removed wherever the channel leaves the network (step 2).
+Sizes of a state, three ways (issue 12):
+  * ``r_paper`` (``paper_r``): R as the released code counts it (``kept_counter``): per conv
+    layer kept filters x k_h x k_w, plus kept classifier inputs x classes, over the same sums
+    with every unit kept. Input channels do not enter. Only this one stands beside the paper's R.
+  * ``r_params`` = parameters of the physically pruned export / parameters of the dense model
+    (dropped filters that the export cannot remove, because a residual stream keeps their
+    channel alive, are still counted: they are still there).
+  * ``flops_kept`` = FLOPs of the export / FLOPs of the dense model (one image, FlopCounterMode).
+``params_kept_pct`` (older): the export's parameters that are not structurally zero, in %.
 """
 from __future__ import annotations
 
@@ -60,6 +66,42 @@ def _zero_dropped(layers, mods, state) -> None:
                         p[drop] = 0
 
 
+def paper_r(layers: list[UnitLayer], state: torch.Tensor) -> tuple[int, int]:
+    """(kept, total) of the released code's ``kept_counter``: each conv layer weighs a filter by
+    its kernel area k_h x k_w, the classifier weighs an input by its number of outputs."""
+    state = state.to(torch.bool).cpu()
+    kept = total = 0
+    for layer in layers:
+        if layer.kind == "conv":
+            kh, kw = layer.module.kernel_size
+            weight = kh * kw
+        else:
+            weight = layer.module.out_features
+        kept += int(state[layer.slice].sum()) * weight
+        total += layer.size * weight
+    return kept, total
+
+
+def r_paper(layers: list[UnitLayer], state: torch.Tensor) -> float:
+    """R (paper) as a fraction in [0, 1]."""
+    kept, total = paper_r(layers, state)
+    return kept / total if total else 0.0
+
+
+def count_forward_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward of ``example_input`` (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        model.train(was)
+    return int(counter.get_total_flops())
+
+
 def _has_params(mod: nn.Module) -> bool:
     return any(True for _ in mod.parameters(recurse=False))
 
@@ -71,6 +113,7 @@ def export_pruned(model: nn.Module, layers: list[UnitLayer], state: torch.Tensor
 
     state = state.to(torch.bool).cpu()
     pruned = strip_overrides(copy.deepcopy(model)).eval()
+    dense_flops = count_forward_flops(pruned, example_input)
     mods = dict(pruned.named_modules())
     _zero_dropped(layers, mods, state)
 
@@ -159,9 +202,12 @@ def export_pruned(model: nn.Module, layers: list[UnitLayer], state: torch.Tensor
                           "kept": int(state[fc_layer.slice].sum()), "channels_after_export": fc.in_features})
     total = count_params(model)
     pruned_params = count_params(pruned)
+    flops = count_forward_flops(pruned, example_input)
     info = {
         "params": total, "pruned_params": pruned_params, "params_kept": pruned_params - zero,
         "params_kept_pct": 100.0 * (pruned_params - zero) / total,
+        "r_params": pruned_params / total, "r_paper": r_paper(layers, state),
+        "flops": dense_flops, "pruned_flops": flops, "flops_kept": flops / dense_flops if dense_flops else None,
         "units": int(state.numel()), "units_kept": int(state.sum()),
         "channels_removed": physical, "layers": per_layer,
     }
@@ -189,16 +235,29 @@ def evaluate_model(model: nn.Module, loader, trainer=None) -> float:
     return c / max(m, 1.0)
 
 
-def write_edropout_files(run_dir, layers: list[UnitLayer], state: torch.Tensor, info: dict) -> None:
-    """edropout_state.pt (the state, per layer; loads with weights_only=True) and
-    edropout_layers.csv (units kept per layer)."""
+def write_edropout_files(run_dir, layers: list[UnitLayer], state: torch.Tensor, info: dict,
+                        kept_steps: torch.Tensor | None = None, search_steps: int | None = None) -> None:
+    """edropout_state.pt (loads with weights_only=True): the state, the layers' slices of it,
+    and for a search run ``kept_steps`` (per unit, the number of search steps whose training
+    state kept it) and ``search_steps``; edropout_layers.csv: units kept per layer (and, for a
+    search run, units never kept before the freeze)."""
     run_dir = Path(run_dir)
     state = state.to(torch.bool).cpu()
-    atomic_torch_save({"state": state, "layers": [[l.name, l.kind, l.offset, l.size] for l in layers],
-                       "params_kept_pct": float(info["params_kept_pct"])}, run_dir / "edropout_state.pt")
+    payload = {"state": state, "layers": [[l.name, l.kind, l.offset, l.size] for l in layers],
+               "params_kept_pct": float(info["params_kept_pct"]), "r_paper": float(info["r_paper"]),
+               "r_params": float(info["r_params"])}
+    rows = [dict(r) for r in info["layers"]]
+    fields = ["layer", "units", "kept", "channels_after_export"]
+    if kept_steps is not None:
+        kept_steps = kept_steps.cpu()
+        payload["kept_steps"], payload["search_steps"] = kept_steps, int(search_steps or 0)
+        fields.append("never_trained")
+        for row, layer in zip(rows, layers):
+            row["never_trained"] = int((kept_steps[layer.slice] == 0).sum())
+    atomic_torch_save(payload, run_dir / "edropout_state.pt")
     tmp = run_dir / ".edropout_layers.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["layer", "units", "kept", "channels_after_export"])
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows(info["layers"])
+        w.writerows(rows)
     tmp.replace(run_dir / "edropout_layers.csv")

@@ -117,9 +117,12 @@ def trial_population(pop: torch.Tensor, generator: torch.Generator, rule: str = 
 
 
 def best_of(pop: torch.Tensor, costs: torch.Tensor):
-    """(best state, its cost): the lowest cost; the first such candidate on ties."""
-    i = costs.argmin()
-    return pop[i], costs[i]
+    """(best state, its cost): the lowest cost; the first such candidate on ties.
+
+    Selected with index_select on a 1-element index tensor: indexing with the 0-d argmin
+    (``pop[i]``) would read it on the host (``.item()``), a sync per step on a GPU."""
+    i = costs.argmin().reshape(1)
+    return pop.index_select(0, i)[0], costs.index_select(0, i)[0]
 
 
 def convergence_step(history: torch.Tensor, best_cost: torch.Tensor):

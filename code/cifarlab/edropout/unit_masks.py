@@ -304,13 +304,15 @@ class UnitMasks:
                     m = masks.mask[sl]
                     return conv._conv_forward(x, conv.weight * m[:, None, None, None],
                                               None if conv.bias is None else conv.bias * m)
-                if layer.bn is not None or masks._full:
+                if layer.bn is not None:
                     return cls_forward(conv, x)
-                if masks._group is not None:
+                if masks._group is not None:  # before ``_full``: a population is scored whatever the mask
                     y = cls_forward(conv, x)
                     g = masks._group.shape[0]
                     m = masks._group[:, sl].to(y.dtype)
                     return (y.reshape(g, -1, *y.shape[1:]) * m[:, None, :, None, None]).reshape(y.shape)
+                if masks._full:
+                    return cls_forward(conv, x)
                 m = masks.mask[sl]
                 bias = None if conv.bias is None else conv.bias * m
                 return conv._conv_forward(x, conv.weight * m[:, None, None, None], bias)
