@@ -483,3 +483,13 @@ def test_config_info_and_image_size_only_where_it_applies():
         build_loaders(make_config(dataset="synthetic", image_size=16), "cpu")
     with pytest.raises(ConfigError, match="image_size must be a positive integer"):
         make_config(dataset="small", image_size=0)
+
+
+def test_a_model_too_big_for_the_images_is_one_error_line(tmp_path, capsys):
+    """LeNet-5's three 5x5 convs cannot run on 8x8 images: one line, no traceback, no run directory."""
+    run = tmp_path / "run"
+    code = main(["train", "--model", "lenet5", "--dataset", "synthetic:1x8x8", "--train-subset", "32",
+                 "--test-subset", "16", "--epochs", "1", "--progress", "off", "--run-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the model cannot take 1x8x8 images") and err.count("\n") == 1
+    assert not run.exists()

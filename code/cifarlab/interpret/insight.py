@@ -62,7 +62,7 @@ class LoadedRun:
 def load_run_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the run's model from config.yaml and load checkpoints/<which>.pt (eval mode)."""
     from cifarlab.config import load_yaml, make_config
-    from cifarlab.data import dataset_info
+    from cifarlab.data import config_info
     from cifarlab.train.build import model_from_config
     from cifarlab.train.checkpoint import load_checkpoint, load_model_state
 
@@ -79,7 +79,7 @@ def load_run_model(run_dir: str | Path, which: str = "best", device: str | torch
     saved.pop("recipe", None)  # the saved values already hold the recipe's
     saved["resume"] = False
     cfg = make_config(saved)
-    info = dataset_info(cfg.dataset)
+    info = config_info(cfg)  # the run's own image size, data root and measured normalisation
     model = model_from_config(cfg, info.num_classes, info.in_channels)
     load_model_state(model, ckpt["model"], path)
     model.to(device).eval()
