@@ -1,7 +1,10 @@
-"""The BatchNorm study: Santurkar probes pinned by hand, probing leaves training unchanged,
-concurrent (vmap) landscape training equals sequential, divergence handling, CLI, report."""
+"""The BatchNorm study: Santurkar probes pinned by hand (absolute and relative step sizes, float64,
+dropout, train mode, no autocast, no host sync), probing leaves training unchanged, concurrent
+(vmap) landscape training equals sequential, the course's measures by hand, divergence handling,
+run_study / CLI / resume, the probe-overhead stage, report."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from cifarlab.batchnorm import landscape as L
 from cifarlab.batchnorm.probe_callback import BNProbeCallback, callbacks_from_config
-from cifarlab.batchnorm.probes import gradient_at, probe_along_gradient
+from cifarlab.batchnorm.probes import gradient_at, gradient_step_length, probe_along_gradient
 from cifarlab.config import make_config
 from cifarlab.errors import ConfigError
 
@@ -177,14 +180,194 @@ def test_bad_step_sizes_and_missing_gradients_are_config_errors():
     assert cb.interval == 7 and cb.etas == [0.1, 0.01]
 
 
+def test_relative_step_sizes_move_the_same_distance_by_hand():
+    """Quadratic: g = (1, 4), ||g|| = sqrt(17). eta_rel 0.5 of a step of length 2 moves a distance
+    of 1 along -g: eta = 1 / sqrt(17), w - eta g = (1 - 1/sqrt(17), 1 - 4/sqrt(17))."""
+    model, x, y = quadratic_model()
+    with_grad(model, mse0, x, y)
+    res = probe_along_gradient(model, mse0, x, y, [0.1], rel_etas=[0.5], step_length=2.0)
+    r17 = math.sqrt(17)
+    w1, w2 = 1 - 1 / r17, 1 - 4 / r17
+    assert res["relative"].tolist() == [False, True]
+    assert res["eta"].tolist() == pytest.approx([0.1, 1 / r17], rel=1e-6)
+    assert res["eta_rel"].tolist() == pytest.approx([0.1 * r17 / 2, 0.5], rel=1e-6)
+    assert res["distance"].tolist() == pytest.approx([0.1 * r17, 1.0], rel=1e-6)
+    assert float(res["loss"][1]) == pytest.approx((w1 ** 2 + 4 * w2 ** 2) / 2, rel=1e-6)
+    # grad diff = eta H g = eta (1, 16); both kinds give the quadratic's ratio ||H g|| / ||g||
+    assert float(res["grad_diff"][1]) == pytest.approx(math.sqrt(257) / r17, rel=1e-5)
+    assert float(res["beta"]) == pytest.approx(math.sqrt(257 / 17), rel=1e-5)
+    assert float(res["beta_rel"]) == pytest.approx(math.sqrt(257 / 17), rel=1e-5)
+    assert gradient_step_length(1e-3, 400) == pytest.approx(0.02)
+    with pytest.raises(ConfigError, match="step_length"):
+        probe_along_gradient(model, mse0, x, y, [0.1], rel_etas=[0.5])
+
+
+class Affine64(nn.Module):
+    """One float64 weight w; the output is w itself (x = 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w * x
+
+
+def test_gradient_difference_is_taken_in_the_models_precision():
+    """L(w) = w + eps w^2 / 2 with eps = 1e-9, at w = 1: g = 1 + eps, and
+    grad L(w) - grad L(w - eta g) = eps eta g = 5e-10 at eta = 0.5. Rounded to float32 first,
+    both gradients are 1.0 and the difference is 0."""
+    eps = 1e-9
+    model = Affine64()
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1)
+    loss_fn = lambda out, t: (out + 0.5 * eps * out ** 2).mean()  # noqa: E731
+    with_grad(model, loss_fn, x, y)
+    res = probe_along_gradient(model, loss_fn, x, y, [0.5, 0.25])
+    g = 1 + eps
+    assert res["grad_diff"].tolist() == pytest.approx([eps * 0.5 * g, eps * 0.25 * g], rel=1e-6)
+    assert res["ratio"].tolist() == pytest.approx([eps, eps], rel=1e-5)
+    assert res["grad_diff"].dtype == torch.float32
+
+
+class DropNet(nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+
+def test_with_dropout_grad_diff_goes_to_zero_and_losses_match_a_forward_from_the_same_rng_state():
+    torch.manual_seed(0)
+    model = DropNet()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with_grad(model, F.cross_entropy, x, y)  # the training pass: its own dropout mask
+    g = {n: p.grad.clone() for n, p in model.named_parameters()}
+    etas = [1e-2, 1e-4, 1e-6]
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    res = probe_along_gradient(model, F.cross_entropy, x, y, etas)
+    # one mask for the reference and every shifted forward: grad_diff = eta ||H g|| + O(eta^2)
+    diff, norm = res["grad_diff"].double(), float(res["grad_norm"])
+    assert float(diff[-1]) < 1e-5 * norm
+    assert float(diff[1] / diff[2]) == pytest.approx(100, rel=1e-3)
+    assert float(res["ratio"][1]) == pytest.approx(float(res["ratio"][2]), rel=1e-3)
+    # every probe loss is the loss of a plain forward of the shifted model from the same RNG state
+    for i, eta in enumerate([0.0] + etas):
+        shifted = copy.deepcopy(model).train()
+        with torch.no_grad():
+            for n, p in shifted.named_parameters():
+                p.sub_(eta * g[n])
+        torch.set_rng_state(state)
+        expected = F.cross_entropy(shifted(x), y).item()
+        got = float(res["base_loss"]) if i == 0 else float(res["loss"][i - 1])
+        assert got == pytest.approx(expected, rel=1e-6), eta
+    # the training pass's .grad (another mask) as the reference would not go to zero
+    other = probe_along_gradient(model, F.cross_entropy, x, y, etas, base_grad=g)
+    assert float(other["grad_diff"][-1]) > 100 * float(diff[-1])
+
+
+def test_gradient_at_uses_train_mode_even_on_a_model_in_eval_mode():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = tiny_batch()
+    with torch.no_grad():  # running statistics far from the batch's, so train and eval differ
+        model.bn.running_mean.fill_(2.0)
+        model.bn.running_var.fill_(5.0)
+    model.eval()
+
+    def grads(train):
+        m = copy.deepcopy(model).train(train)
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+
+    loss, g = gradient_at(model, F.cross_entropy, x, y)
+    train_g, eval_g = grads(True), grads(False)
+    for n in train_g:
+        torch.testing.assert_close(g[n], train_g[n], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(g["conv.weight"], eval_g["conv.weight"], rtol=1e-2)
+    assert not model.training and not model.bn.training  # its own mode comes back
+
+
+def test_probes_run_in_fp32_even_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = tiny_batch()
+    with_grad(model, F.cross_entropy, x, y)
+    ref = probe_along_gradient(model, F.cross_entropy, x, y, [0.1, 1e-3], rel_etas=[0.2], step_length=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = probe_along_gradient(model, F.cross_entropy, x, y, [0.1, 1e-3], rel_etas=[0.2], step_length=0.1)
+        _, g = gradient_at(model, F.cross_entropy, x, y)
+    for k in ("loss", "grad_diff", "ratio", "base_loss"):
+        assert torch.equal(ref[k], under[k]), k
+    assert all(v.dtype == torch.float32 for v in g.values())
+    # and through the callback, whose trainer trains under bf16 autocast
+    cb = BNProbeCallback(1, [0.1, 1e-3], [0.2])
+    t = SimpleNamespace(model=model, loss_fn=F.cross_entropy, device=torch.device("cpu"), run_dir=None, epoch=1,
+                        global_step=0, is_main=True, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    cb.on_fit_start(t)
+    cb.on_batch_start(t, x, y)
+    with t.autocast():
+        cb.on_after_backward(t)
+    res = cb._pending[-1][2]
+    expect = probe_along_gradient(model, F.cross_entropy, x, y, [0.1, 1e-3], rel_etas=[0.2],
+                                  step_length=0.1 * math.sqrt(sum(p.numel() for p in model.parameters())))
+    assert torch.equal(res["loss"], expect["loss"]) and torch.equal(res["grad_diff"], expect["grad_diff"])
+
+
+def test_a_probed_step_does_no_host_sync(tmp_path):
+    from cifarlab.train.host_sync import count_host_syncs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Tiny(), nn.Dropout(0.2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    t = SimpleNamespace(model=model, loss_fn=F.cross_entropy, device=torch.device("cpu"), run_dir=tmp_path,
+                        epoch=1, global_step=0, is_main=True, optimizer=opt, autocast=contextlib.nullcontext)
+    cb = BNProbeCallback(1)
+    cb.on_fit_start(t)
+    cb.on_epoch_start(t, 1)
+    for step in range(2):
+        x, y = tiny_batch(seed=step)
+        cb.on_batch_start(t, x, y)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        with count_host_syncs(device="cpu") as probe_step:
+            cb.on_after_backward(t)
+            t.global_step += 1
+            cb.on_batch_end(t, loss.detach())
+        assert probe_step.syncs == 0, probe_step.where
+        opt.step()
+    assert len(cb._pending) == 2  # results wait on the device until the epoch's end
+    cb.on_epoch_end(t, 1, {"epoch": 1, "epoch_time_s": 1.0})  # the one read (.tolist(), invisible on a CPU)
+    assert len(pd.read_csv(tmp_path / "probes.csv")) == 2 * 9 and not cb._pending
+
+
+def test_vgg_a_light_bn_has_a_bn_after_every_conv_and_the_light_widths():
+    from cifarlab.models import build_model
+
+    light, bn = build_model("vgg_a_light"), build_model("vgg_a_light_bn")
+    assert [type(m) for m in bn.features] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] * 2
+    convs = [(m.in_channels, m.out_channels) for m in bn.features if isinstance(m, nn.Conv2d)]
+    assert convs == [(m.in_channels, m.out_channels) for m in light.features if isinstance(m, nn.Conv2d)]
+    assert [m.num_features for m in bn.features if isinstance(m, nn.BatchNorm2d)] == [16, 32]
+    assert str(light.classifier) == str(bn.classifier)
+
+
 # -- the callback: probing does not change training ---------------------------------------------
-def hand_loop(callbacks, steps=6, run_dir=None):
-    """The Trainer's hook order on a few Adam steps of the tiny BN net."""
+def hand_loop(callbacks, steps=6, run_dir=None, bf16=False):
+    """The Trainer's hook order on a few Adam steps of the tiny BN net (bf16: the forward under
+    bf16 autocast, as a Trainer with --amp bf16 runs it)."""
     torch.manual_seed(0)
     model = nn.Sequential(Tiny(), nn.Dropout(0.2))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     t = SimpleNamespace(model=model, loss_fn=F.cross_entropy, device=torch.device("cpu"), run_dir=run_dir,
-                        epoch=1, global_step=0, is_main=True, autocast=lambda: torch.autocast("cpu", enabled=False))
+                        epoch=1, global_step=0, is_main=True, optimizer=opt,
+                        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
     for cb in callbacks:
         cb.on_fit_start(t)
         cb.on_epoch_start(t, 1)
@@ -192,7 +375,8 @@ def hand_loop(callbacks, steps=6, run_dir=None):
         x, y = tiny_batch(seed=step)
         for cb in callbacks:
             cb.on_batch_start(t, x, y)
-        loss = F.cross_entropy(model(x), y)
+        with t.autocast():
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         for cb in callbacks:
@@ -209,18 +393,27 @@ def hand_loop(callbacks, steps=6, run_dir=None):
 
 def test_callback_leaves_a_hand_loop_unchanged_and_writes_probes_csv(tmp_path):
     ref, ref_opt, _ = hand_loop([])
-    probed, opt, row = hand_loop([BNProbeCallback(2, [0.1, 0.01])], run_dir=tmp_path)
+    probed, opt, row = hand_loop([BNProbeCallback(2, [0.1, 0.01], [0.4, 0.1])], run_dir=tmp_path)
     for (k, a), b in zip(ref.state_dict().items(), probed.state_dict().values()):
         assert torch.equal(a, b), k
     sa, sb = ref_opt.state_dict()["state"], opt.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     df = pd.read_csv(tmp_path / "probes.csv")
-    assert list(df.columns) == ["step", "epoch", "eta", "loss", "grad_diff", "ratio", "beta", "grad_norm",
-                                "train_loss"]
-    assert df["step"].tolist() == [0, 0, 2, 2, 4, 4] and df["eta"].tolist() == [0.1, 0.01] * 3
-    assert np.allclose(df["ratio"], df["grad_diff"] / (df["eta"] * df["grad_norm"]), rtol=1e-5)
-    assert (df.groupby("step")["ratio"].max() == df.groupby("step")["beta"].first()).all()
-    assert df["train_loss"].notna().all() and row["probe_beta_median"] > 0
+    assert list(df.columns) == ["step", "epoch", "kind", "eta", "eta_rel", "distance", "loss", "grad_diff", "ratio",
+                                "beta", "grad_norm", "step_length", "train_loss", "base_loss"]
+    assert df["step"].tolist() == [0] * 4 + [2] * 4 + [4] * 4
+    assert df["kind"].tolist() == ["abs", "abs", "rel", "rel"] * 3
+    ab, rel = df[df["kind"] == "abs"], df[df["kind"] == "rel"]
+    assert ab["eta"].tolist() == [0.1, 0.01] * 3 and rel["eta_rel"].tolist() == pytest.approx([0.4, 0.1] * 3)
+    # the gradient step: lr * sqrt(P), P = 4*1*9 + 4 (conv) + 4 + 4 (BN) + 16*3 + 3 (fc) = 99
+    assert df["step_length"].tolist() == pytest.approx([1e-2 * math.sqrt(99)] * 12)
+    # relative rows move eta_rel times that distance, whatever ||g|| is; absolute rows eta ||g||
+    assert rel["distance"].to_numpy() == pytest.approx(rel["eta_rel"] * rel["step_length"], rel=1e-5)
+    assert np.allclose(df["distance"], df["eta"] * df["grad_norm"], rtol=1e-5)
+    assert np.allclose(ab["eta_rel"], ab["distance"] / ab["step_length"], rtol=1e-5)
+    assert np.allclose(df["ratio"], df["grad_diff"] / df["distance"], rtol=1e-5)
+    assert (df.groupby(["step", "kind"])["ratio"].max() == df.groupby(["step", "kind"])["beta"].first()).all()
+    assert df["train_loss"].notna().all() and df["base_loss"].notna().all() and row["probe_beta_median"] > 0
 
 
 def test_trainer_runs_with_and_without_probes_end_with_identical_weights(tmp_path, monkeypatch):
@@ -241,6 +434,7 @@ def test_trainer_runs_with_and_without_probes_end_with_identical_weights(tmp_pat
     df = pd.read_csv(tmp_path / "probed/probes.csv")
     assert sorted(set(df["step"])) == [0, 4, 8] and sorted(set(df["epoch"])) == [1, 2]  # 6 steps per epoch
     assert probed["probe_count"] == 3 and probed["probe_overhead_pct"] > 0
+    assert probed["probe_rel_etas"] == [0.4, 0.2, 0.1, 0.05] and probed["probe_beta_rel_median"] > 0
     metrics = pd.read_csv(tmp_path / "probed/metrics.csv")
     assert "probe_beta_median" in metrics.columns and "probe_overhead_pct" in metrics.columns
 
@@ -264,6 +458,12 @@ def test_concurrent_vmap_training_equals_sequential():
     assert conc.losses.shape == seq.losses.shape == (9, 3)  # 3 epochs x 3 batches, 3 rates
     assert conc.epochs.tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     np.testing.assert_allclose(conc.losses, seq.losses, rtol=1e-4, atol=1e-6)
+    # the course's measures too: gradient change between steps and the distance moved
+    np.testing.assert_allclose(conc.grad_change, seq.grad_change, rtol=1e-3, atol=1e-6)
+    # (looser: the conv bias before BN has a gradient of pure rounding noise, which Adam divides by
+    # its own size, so its few coordinates move by up to lr differently in the two computations)
+    np.testing.assert_allclose(conc.weight_change, seq.weight_change, rtol=3e-2)
+    assert np.isfinite(conc.grad_change[1:]).all() and (conc.weight_change[1:] > 0).all()
     assert conc.diverged_step == seq.diverged_step == [None, None, None]
     # same initial weights for every rate: identical loss at step 0, different ones after
     assert np.ptp(conc.losses[0]) == 0 and np.ptp(conc.losses[-1]) > 0
@@ -309,6 +509,77 @@ def test_rates_without_progress_are_named():
     assert no_progress(pd.DataFrame(rows), "m") == [1e-3]
 
 
+def test_course_measures_match_a_hand_adam_loop():
+    """grad_change[t] = ||g_t - g_(t-1)||, weight_change[t] = ||w_t - w_(t-1)||, NaN at step 0."""
+    batches = landscape_data()
+    run = L.train_landscape("tiny", Tiny, [1e-2], batches, 2, concurrent=False, seed=0, check_every=4)
+    with L.cpu_seeded(0):
+        model = Tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    grads, weights = [], [torch.cat([p.detach().flatten().clone() for p in model.parameters()])]
+    for epoch in (1, 2):
+        for x, y in batches(epoch):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads.append(torch.cat([p.grad.flatten().clone() for p in model.parameters()]))
+            opt.step()
+            weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+    change = [math.nan] + [float((grads[t] - grads[t - 1]).norm()) for t in range(1, len(grads))]
+    moved = [math.nan] + [float((weights[t] - weights[t - 1]).norm()) for t in range(1, len(grads))]
+    np.testing.assert_allclose(run.grad_change[:, 0], change, rtol=1e-4)
+    np.testing.assert_allclose(run.weight_change[:, 0], moved, rtol=1e-4)
+    assert np.isnan(run.grad_change[0, 0]) and np.isnan(run.weight_change[0, 0])
+
+
+def test_course_band_by_hand():
+    change = np.array([[np.nan, np.nan], [2.0, 6.0], [3.0, 1.0], [4.0, np.inf]])
+    moved = np.array([[np.nan, np.nan], [1.0, 2.0], [0.5, 0.1], [1.0, 1.0]])
+    band = L.course_band(change, moved, [None, 3])  # model 1 diverged at step 3
+    np.testing.assert_array_equal(band["change_min"][1:], [2.0, 1.0, 4.0])
+    np.testing.assert_array_equal(band["change_max"][1:], [6.0, 3.0, 4.0])
+    np.testing.assert_array_equal(band["beta"][1:], [3.0, 10.0, 4.0])  # max of 2/1, 6/2; 6, 10; 4
+    assert np.isnan(band["change_min"][0]) and np.isnan(band["beta"][0])
+
+
+def test_models_are_built_from_the_cpu_generator_alone(monkeypatch):
+    """Same init for every rate; the CPU stream is restored; no CUDA generator is reseeded."""
+    def refuse(*a, **k):
+        raise AssertionError("the CUDA generators were reseeded")
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.cuda, "manual_seed_all", refuse)
+        mp.setattr(torch.cuda, "manual_seed", refuse)
+        a, b = L.build_same_init(Tiny, 2, seed=3, device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    torch.manual_seed(3)
+    assert torch.equal(Tiny().conv.weight, a.conv.weight)  # the same numbers as a global seed
+
+
+def test_saved_landscapes_load_back_for_a_resume(tmp_path):
+    batches = landscape_data()
+    runs = [L.train_landscape(name, Tiny, [1e-2, 1e30], batches, 2, concurrent=False, seed=seed, check_every=2)
+            for name, seed in (("a", 0), ("a", 1), ("b", 0))]
+    for r, name in zip(runs, ("a", "a", "b")):
+        r.name = name
+    L.save_landscape(tmp_path, runs)
+    files = {f: (tmp_path / f).read_bytes() for f in (L.LOSSES_CSV, L.RUNS_CSV, L.BAND_CSV)}
+    back = L.load_landscape_runs(tmp_path)
+    assert [(r.name, r.seed) for r in back] == [("a", 0), ("a", 1), ("b", 0)]
+    for r, b in zip(runs, back):
+        assert r.diverged_step == b.diverged_step and r.lrs == b.lrs and r.epochs.tolist() == b.epochs.tolist()
+        np.testing.assert_allclose(b.losses, r.losses, rtol=1e-7)
+        np.testing.assert_allclose(b.grad_change, r.grad_change, rtol=1e-7)
+    band = pd.read_csv(tmp_path / L.BAND_CSV)
+    L.save_landscape(tmp_path, back)  # written again from what was read: the same values
+    assert all((tmp_path / f).read_bytes() == files[f] for f in (L.LOSSES_CSV, L.RUNS_CSV))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / L.BAND_CSV), band, rtol=1e-6)  # ratios of rounded values
+    assert L.load_landscape_runs(tmp_path / "nothing") == []
+
+
 def test_speedup_measurement_reports_both_timings():
     batches = landscape_data()(1)
     sp = L.measure_speedup(Tiny, [1e-2, 1e-3], batches, seed=0, warmup=1)
@@ -319,20 +590,21 @@ def test_speedup_measurement_reports_both_timings():
         L.train_landscape("tiny", Tiny, [0.1, -1.0], landscape_data(), 1)
 
 
-# -- the command, figures and report section ----------------------------------------------------
+# -- the study: run_study, the command, resume, figures and report section ---------------------
 STUDY_ARGS: list[str] = []
 
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
-    """One small study through the CLI, on the tiny plain / BN pair and 8x8 synthetic images."""
+    """One small study through the CLI, on the tiny plain / BN pair, two seeds, 8x8 synthetic images."""
     from cifarlab.cli import main
 
     out = tmp_path_factory.mktemp("bn") / "study"
-    STUDY_ARGS[:] = args = ["bn", "--models", "bntest,bntest_bn", "--dataset", "synthetic:1x8x8:4", "--train-subset", "48",
-            "--test-subset", "16", "--batch-size", "16", "--epochs", "2", "--lrs", "1e-3,1e-2,1e30",
-            "--probe-interval", "2", "--probe-steps", "0.1,0.01", "--device", "cpu", "--progress", "off",
-            "--speedup-steps", "1", "--run-dir", str(out)]
+    STUDY_ARGS[:] = args = [
+        "bn", "--models", "bntest,bntest_bn", "--dataset", "synthetic:1x8x8:4", "--train-subset", "48",
+        "--test-subset", "16", "--batch-size", "16", "--epochs", "2", "--seeds", "0,1", "--lrs", "1e-3,1e-2,1e30",
+        "--probe-count", "3", "--probe-steps", "0.1,0.01", "--probe-rel-steps", "0.4,0.1", "--device", "cpu",
+        "--progress", "off", "--speedup-steps", "1", "--run-dir", str(out)]
     with pytest.MonkeyPatch.context() as mp:
         register_tiny_pair(mp)
         assert main(args) == 0
@@ -340,17 +612,46 @@ def study_dir(tmp_path_factory):
 
 
 def test_bn_command_writes_the_study(study_dir):
+    from cifarlab.batchnorm.study import load_study
+
     s = json.loads((study_dir / "summary.json").read_text())
     assert s["finished"] is True and s["study"] == "bn" and s["models"] == ["bntest", "bntest_bn"]
-    for name in ("config.yaml", "log.txt", "landscape_losses.csv", "landscape_band.csv", "landscape.png",
-                 "probe_loss.png", "probe_grad_diff.png", "probe_beta.png", "probes/bntest_bn/probes.csv"):
+    assert s["seeds"] == [0, 1]
+    for name in ("config.yaml", "study.yaml", "log.txt", "landscape_losses.csv", "landscape_band.csv"):
         assert (study_dir / name).is_file(), name
+    for seed in (0, 1):
+        for fig in ("landscape", "course_predictiveness", "course_beta", "probe_loss", "probe_grad_diff", "probe_beta"):
+            assert (study_dir / f"{fig}_seed{seed}.png").is_file(), (fig, seed)
+        for m in ("bntest", "bntest_bn"):
+            assert (study_dir / "probes" / m / f"seed{seed}" / "probes.csv").is_file()
     runs = pd.read_csv(study_dir / L.RUNS_CSV)
-    assert runs.groupby("model")["diverged"].apply(list).to_dict() == {"bntest": [False, False, True],
-                                                                        "bntest_bn": [False, False, True]}
+    assert runs.groupby(["model", "seed"])["diverged"].apply(list).to_dict() == {
+        (m, seed): [False, False, True] for m in ("bntest", "bntest_bn") for seed in (0, 1)}
+    band = pd.read_csv(study_dir / L.BAND_CSV)
+    assert {"change_min", "change_max", "beta"} <= set(band.columns) and len(band) == 4 * 6  # 4 units x 6 steps
+    # two seeds give two initialisations and data orders
+    losses = pd.read_csv(study_dir / L.LOSSES_CSV)
+    first = losses[(losses["step"] == 0) & (losses["lr"] == 1e-3) & (losses["model"] == "bntest")]
+    assert first["loss"].nunique() == 2
+    # 2 epochs x 3 batches = 6 steps; probe_count 3 -> every 2 steps: steps 0, 2, 4
+    assert s["probe_interval"] == 2 and s["probes"]["bntest_bn/seed1"]["probes"] == 3
+    assert s["probes"]["bntest_bn/seed1"]["kind"] == "rel"
     assert s["speedup"]["steps"] == 1 and s["speedup"]["speedup"] > 0
-    assert set(s["probe_overhead_pct"]) == {"bntest", "bntest_bn"}
-    assert s["landscape"]["bntest_bn"]["diverged"] and s["probes"]["bntest_bn"]["probes"] == 3  # steps 0, 2, 4
+    assert set(s["probe_overhead_pct"]) == {f"{m}/seed{k}" for m in ("bntest", "bntest_bn") for k in (0, 1)}
+    assert [(a["plain"], a["bn"], a["seed"]) for a in s["answers"]] == [("bntest", "bntest_bn", 0),
+                                                                       ("bntest", "bntest_bn", 1)]
+    for a in s["answers"]:
+        assert [q["key"] for q in a["questions"]] == ["band", "predictive", "predictive_course", "beta",
+                                                       "beta_course"]
+        for q in a["questions"]:
+            assert q["answer"] == ("yes" if q["bn"] < q["plain"] else "no")
+    assert len(s["comparison"]) == 2 and "seed 1" in s["comparison"][1]
+    assert s["command"].startswith("python -m cifarlab bn --models bntest,bntest_bn --dataset synthetic:1x8x8:4")
+    assert "--seeds 0,1" in s["command"] and "--probe-count 3" in s["command"]
+    assert s["params_by_model"]["bntest_bn"] == s["params_by_model"]["bntest"] + 8  # 2 per BN channel
+    result = load_study(study_dir)
+    assert result.finished and result.answers == s["answers"] and result.figures["probe_beta_seed0"].is_file()
+    assert "| Is BN's beta smaller? |" in result.tables()
 
 
 def test_bn_command_refuses_bad_input_and_finished_runs(study_dir, tmp_path, capsys):
@@ -359,15 +660,19 @@ def test_bn_command_refuses_bad_input_and_finished_runs(study_dir, tmp_path, cap
     common = ["--dataset", "synthetic:1x8x8:4", "--run-dir", str(tmp_path / "x")]
     assert main(["bn", "--models", "nope"] + common) == 2
     assert "unknown model" in capsys.readouterr().err
-    assert main(["bn", "--lrs", "1e-3,abc"] + common) == 2
-    assert main(["bn", "--lrs", "0"] + common) == 2
-    assert main(["bn", "--no-probes", "--no-landscape"] + common) == 2
+    for bad in (["--lrs", "1e-3,abc"], ["--lrs", "0"], ["--seeds", "0,x"], ["--seeds", "1,1"],
+                ["--no-probes", "--no-landscape"], ["--probe-count", "0"], ["--model", "vgg_a"],
+                ["--overhead-interval", "0", "--overhead"], ["--smooth", "0"]):
+        assert main(["bn"] + bad + common) == 2, bad
+        assert capsys.readouterr().err.startswith("error: "), bad
+    assert not (tmp_path / "x").exists()  # refused before anything was written
     assert main(["bn", "--models", "vgg_a_light", "--run-dir", str(study_dir)]) == 2
     assert "finished" in capsys.readouterr().err
 
 
-def test_resume_keeps_finished_stages(study_dir, tmp_path):
-    """An interrupted study (no summary.json yet) resumed: finished stages are kept, not redone."""
+def test_resume_trains_only_what_is_missing(study_dir, tmp_path):
+    """An interrupted study (no summary.json; one landscape and one probe run unfinished) resumed:
+    finished parts are kept, the missing ones trained again give the same numbers (CPU)."""
     import shutil
 
     from cifarlab.cli import main
@@ -375,19 +680,51 @@ def test_resume_keeps_finished_stages(study_dir, tmp_path):
     run = tmp_path / "study"
     shutil.copytree(study_dir, run)
     (run / "summary.json").unlink()
-    landscape = (run / L.LOSSES_CSV).read_bytes()
+    losses = pd.read_csv(run / L.LOSSES_CSV)
+    for f in (L.LOSSES_CSV, L.RUNS_CSV, L.BAND_CSV):  # drop the landscape of (bntest_bn, seed 1)
+        df = pd.read_csv(run / f)
+        df[~((df["model"] == "bntest_bn") & (df["seed"] == 1))].to_csv(run / f, index=False)
+    probe_run = run / "probes" / "bntest" / "seed1"
+    (probe_run / "summary.json").unlink()  # a probe run killed after its last checkpoint
     args = [a if a != str(study_dir) else str(run) for a in STUDY_ARGS]
     assert main(args) == 2  # without --resume the folder is refused
+    assert main([a if a != "0,1" else "0" for a in args] + ["--resume"]) == 2  # other seeds: refused
     with pytest.MonkeyPatch.context() as mp:
         register_tiny_pair(mp)
         assert main(args + ["--resume"]) == 0
-    assert (run / L.LOSSES_CSV).read_bytes() == landscape
-    log = (run / "log.txt").read_text()
-    assert "landscape: finished earlier, kept" in log and log.count("finished earlier, kept (") == 2
+    log = (run / "log.txt").read_text().split("# bn study")[-1]
+    assert log.count("finished earlier, kept") == 3 + 3  # 3 landscapes, 3 probe runs
+    assert "landscape bntest_bn seed 1: 3 rates" in log  # trained again
+    again = pd.read_csv(run / L.LOSSES_CSV)
+    key = ["model", "seed", "lr", "step"]
+    pd.testing.assert_frame_equal(again.sort_values(key).reset_index(drop=True),
+                                  losses.sort_values(key).reset_index(drop=True), rtol=1e-6)
     assert json.loads((run / "summary.json").read_text())["finished"] is True
 
 
-def test_report_section_states_the_comparison(study_dir, tmp_path):
+def test_run_study_measures_the_probe_overhead(tmp_path, monkeypatch):
+    """The overhead stage alone: per model a probed run and the same run without probes, which
+    end with the same weights; the report tables them with the command."""
+    from cifarlab.batchnorm import run_study
+    from cifarlab.batchnorm.report_section import bn_section
+
+    register_tiny_pair(monkeypatch)
+    lines = []
+    result = run_study(models=["bntest_bn"], dataset="synthetic:1x8x8:4", train_subset=64, test_subset=16,
+                       batch_size=16, epochs=2, seeds=[0], landscape=False, probes=False, overhead=True,
+                       overhead_interval=3, device="cpu", progress="off", run_dir=tmp_path / "log" / "bn" / "ov",
+                       log=lines.append)
+    (row,) = result.summary["overhead"]
+    assert row["model"] == "bntest_bn" and row["interval"] == 3 and row["same_weights"] is True
+    assert row["probes"] == 3 and row["epochs_compared"] == "2-2" and row["plain_s"] > 0 and row["probed_s"] > 0
+    assert any(line.startswith("overhead bntest_bn:") for line in lines)  # log= gets the progress lines
+    assert pd.read_csv(tmp_path / "log/bn/ov/overhead/bntest_bn/probed/probes.csv")["step"].nunique() == 3
+    assert not (tmp_path / "log/bn/ov/overhead/bntest_bn/plain/probes.csv").exists()
+    md = bn_section(tmp_path / "log", tmp_path / "img")
+    assert "| bntest_bn | 3 | 2-2 | 3 |" in md and "--overhead --overhead-interval 3" in md
+
+
+def test_report_section_states_the_answers(study_dir, tmp_path):
     import shutil
 
     from cifarlab.batchnorm.report_section import bn_section
@@ -396,14 +733,50 @@ def test_report_section_states_the_comparison(study_dir, tmp_path):
     log_root = tmp_path / "log"
     shutil.copytree(study_dir, log_root / "bn" / "tiny", ignore=shutil.ignore_patterns("checkpoints"))
     md = bn_section(log_root, tmp_path / "img")
-    assert "img/bn_tiny_landscape.png" in md and (tmp_path / "img" / "bn_tiny_landscape.png").is_file()
-    for verdict in ("Loss landscape: the band of **bntest_bn** is", "narrower", "smaller", "predictive"):
-        assert verdict in md  # the three verdicts, with numbers
+    for seed in (0, 1):
+        assert f"**bntest_bn (BN) vs bntest, seed {seed}**" in md
+        for fig in ("landscape", "course_predictiveness", "course_beta", "probe_beta"):
+            name = f"bn_tiny_{fig}_seed{seed}.png"
+            assert f"img/{name}" in md and (tmp_path / "img" / name).is_file()
+    for question in ("Is BN's loss band narrower?", "Are BN's gradients more predictive? (course)",
+                     "Is BN's beta smaller?", "Which definition each figure uses"):
+        assert question in md
     assert "1e+30 (step" in md  # the diverged rate is named in the table
+    assert "Hardware: CPU" in md and "python -m cifarlab bn --models bntest,bntest_bn" in md
     assert md == bn_section(log_root, tmp_path / "img")  # deterministic
 
 
-def test_report_section_tables_the_probe_overhead(tmp_path):
+def test_figures_show_every_step_smoothed_over_the_raw_band(tmp_path):
+    from cifarlab.batchnorm import figures as F
+
+    steps = 400
+    rng = np.random.default_rng(0)
+    rows = [{"model": m, "seed": 0, "step": i, "epoch": 1, "min": 1 + rng.random(), "max": 3 + rng.random(),
+             "n_alive": 2, "change_min": 0.1, "change_max": 0.2 + rng.random(), "beta": 5 + rng.random()}
+            for m in ("a", "a_bn") for i in range(steps)]
+    band = pd.DataFrame(rows)
+    runs = pd.DataFrame([{"model": m, "seed": 0, "lr": lr, "diverged": False, "diverged_step": None}
+                         for m in ("a", "a_bn") for lr in (1e-3, 1e-4)])
+    assert F.auto_window(steps) == 4 and F.auto_window(50) == 1
+    import matplotlib.figure
+
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (drawn.append(self), real(self, *a, **k)))
+    try:
+        F.plot_landscape(band, runs, tmp_path / "l.png", seed=0)
+    finally:
+        monkey.undo()
+    ax = drawn[0].axes[0]
+    fills = ax.collections  # per model: the raw band (faint) and the smoothed band
+    assert len(fills) == 4 and fills[0].get_alpha() < fills[1].get_alpha()
+    assert "moving average over 4 steps" in ax.get_title()
+    # every step is drawn: the smoothed edge lines have one point per step
+    assert all(len(line.get_xdata()) == steps for line in ax.lines)
+
+
+def test_report_section_tables_the_probe_overhead_of_training_runs(tmp_path):
     """Training runs with probes are listed with the timer's overhead and the epoch time of their twin."""
     import yaml
 

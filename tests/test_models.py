@@ -50,6 +50,7 @@ REFERENCE_COUNTS = {
     "vgg_a_bn": 9_756_426,
     "vgg_a_bn_full": 9_758_474,
     "vgg_a_light": 285_162,
+    "vgg_a_light_bn": 285_258,  # vgg_a_light + 2 per BN channel: 285,162 + 2 * (16 + 32)
 }
 
 

@@ -8,6 +8,8 @@ Linear(512,512)-act-Linear(512,classes). Variants:
   vgg_a_bn_full  also BatchNorm1d after the two hidden linear layers     9,758,474
   vgg_a_light    conv16 -> pool -> conv32 -> pool, classifier
                  Linear(32*8*8,128)-act-Linear(128,128)-act-Linear(128,classes)  285,162
+  vgg_a_light_bn the light widths with BatchNorm2d after every conv           285,258
+                 (the light pair trains to convergence on a CPU: issue 13)
 Init (course starter): Xavier-normal conv/linear weights, zero biases, BN weight 1, bias 0.
 
 Small inputs: the max-pools use ceil_mode=True, so 28x28 inputs go 28-14-7-4-2-1 instead of
@@ -101,3 +103,8 @@ def vgg_a_bn_full(num_classes=10, in_channels=3, activation="relu"):
 @register_model()
 def vgg_a_light(num_classes=10, in_channels=3, activation="relu"):
     return VGG(_CFG_LIGHT, [128, 128], 8, num_classes, in_channels, activation=activation)
+
+
+@register_model()
+def vgg_a_light_bn(num_classes=10, in_channels=3, activation="relu"):
+    return VGG(_CFG_LIGHT, [128, 128], 8, num_classes, in_channels, batch_norm=True, activation=activation)
