@@ -171,3 +171,25 @@ def test_run_grid_check_raises_after_running_the_others(tmp_path):
     with pytest.raises(CifarlabError, match=r"1 of 2 runs failed: .*bad"):
         run_grid("g", grid_dir=grid, log_root=log, overrides={"epochs": 1}, check=True)
     assert json.loads((log / "g" / "good" / "summary.json").read_text())["finished"]
+
+
+# -- best.pt stays small enough for git --------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adam", "slbi"])
+def test_best_pt_keeps_optimizer_state_only_for_slbi(tmp_path, optimizer):
+    """best.pt is for evaluation and analysis: Adam's moments (2x the model) stay in last.pt;
+    SLBI's Gamma is optimizer state that W* needs, so an SLBI best.pt keeps it."""
+    import torch
+
+    run = tmp_path / optimizer
+    assert main(["train", *TINY, "--epochs", "1", "--optimizer", optimizer, "--lr", "0.01",
+                 "--run-dir", str(run)]) == 0
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["optimizer"]["state"], "last.pt must keep the optimizer state for --resume"
+    if optimizer == "slbi":
+        gammas = [s["gamma"] for s in best["optimizer"]["state"].values() if "gamma" in s]
+        assert gammas and len(best["optimizer"]["state"]) == len(last["optimizer"]["state"])
+    else:
+        assert best["optimizer"] is None and best["scheduler"] is None
+        assert (run / "checkpoints" / "best.pt").stat().st_size < 0.6 * (run / "checkpoints" / "last.pt").stat().st_size
+    assert best["model"].keys() == last["model"].keys()
