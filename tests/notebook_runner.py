@@ -85,7 +85,9 @@ def check_outputs(name: str, proj: Path, nb: dict) -> None:
         assert (img / "insight" / "confusion.png").is_file()
         assert "ROAD (combined)" in text
     elif name == "04_batchnorm":
-        assert list(smoke.rglob("*.png")), "no BatchNorm figure"
+        s = summary(smoke / "bn" / "vgg_a_light-fashion")
+        assert s["comparison"] and len(list((smoke / "bn" / "vgg_a_light-fashion").rglob("*.png"))) >= 6
+        assert "vgg_a_light_bn vs vgg_a_light" in text  # the answers table was shown
     elif name == "05_dessilbi":
         for run in ("lenet5_slbi", "lenet5_sgd", "lenet5_slbi_lam12"):
             s = summary(smoke / "slbi" / run)
