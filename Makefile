@@ -10,7 +10,7 @@ DEMO_RUN := log/demo/lenet5-fashion-$(shell date +%Y%m%d-%H%M%S)  # a new run ea
 DEMO_ARGS ?= --model lenet5 --dataset fashion --epochs 12 --batch-size 128 --lr 0.05 \
 	--scheduler cosine --run-dir $(DEMO_RUN)
 
-.PHONY: demo test report bench venv fashion clean-venv
+.PHONY: demo test report bench venv fashion clean-venv lab gpu-check gpu-check-dry
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,5 +39,22 @@ test: $(STAMP) fashion
 report: $(STAMP)
 	$(PY) -m cifarlab report --log log --out report
 
+# lab: Jupyter Lab from the project root on the project's virtualenv and its kernel ("python3"
+# is installed into .venv by the venv step); the notebooks find the root themselves.
+lab: $(STAMP)
+	$(PY) -m jupyter lab --notebook-dir=. notebooks/01_cifar_training.ipynb
+
 bench: $(STAMP)
 	$(PY) -m cifarlab bench throughput --model resnet20 --device cpu
+
+# gpu-check: the CUDA paths on a machine with one GPU and no network, < 8 min (scripts/gpu_check.py):
+# CUDA tests, resnet18 eager vs --compile, bench, host syncs, SLBI fused vs eager, kill-and-resume,
+# EDropout, Grad-CAM -> bench/gpu-check/summary.{json,md}. Uses .venv if there is one, else the
+# machine's python (PyTorch preinstalled) with the package from ./code; installs nothing.
+# gpu-check-dry (= make gpu-check ARGS=--cpu): the same steps on the CPU at toy size.
+GPU_PY = $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	PYTHONPATH=code $(GPU_PY) scripts/gpu_check.py $(ARGS)
+
+gpu-check-dry:
+	PYTHONPATH=code $(GPU_PY) scripts/gpu_check.py --cpu $(ARGS)
