@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--road", action=argparse.BooleanOptionalAction, default=True,
                         help="compute the ROAD faithfulness score per method (default on)")
     parser.add_argument("--data-root", default=None, metavar="DIR", help="override the run's data root")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="auto (a GPU when there is one) | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--out", default=None, metavar="FILE", help="figure path (default <run-dir>/gradcam.png)")
 
 
@@ -35,15 +37,19 @@ def run(args) -> int:
     from cifarlab.interpret.gradcam import DISPLAY, cam_figure, cam_study, method_name
     from cifarlab.interpret.insight import load_run_model, load_test_images
     from cifarlab.errors import ConfigError
+    from cifarlab.train.distributed import DistInfo, training_device
     from cifarlab.utils import atomic_write_text
 
+    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.n < 1:
         raise ConfigError(f"--n must be positive, got {args.n}")
     methods = [method_name(m) for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods: give at least one method")
-    run = load_run_model(args.run_dir, args.checkpoint)
-    x, y = load_test_images(run.cfg, run.info, n=args.n, seed=args.seed, data_root=args.data_root)
+    device = training_device(args.device, DistInfo())  # checked: cuda without CUDA is one error line
+    run = load_run_model(args.run_dir, args.checkpoint, device=device)
+    x, y = load_test_images(run.cfg, run.info, n=args.n, seed=args.seed, data_root=args.data_root, device=device)
     study = cam_study(run.model, x, y.tolist(), methods, args.layer, target=args.target, road=args.road)
     out = Path(args.out) if args.out else Path(args.run_dir) / "gradcam.png"
     title = (f"{run.cfg.model} on {run.cfg.dataset}, layer {study.layer}, "

@@ -165,9 +165,10 @@ def build_loaders(cfg, device, rank: int = 0, world_size: int = 1, **kw) -> Data
     te = subset_indices(len(test_x), cfg.test_subset)
 
     common = dict(mean=info.mean, std=info.std, device=device, rank=rank, world_size=world_size)
+    # --compile: drop the ragged last batch, so the compiled model sees one batch shape (device_loader.py)
     train = DeviceLoader(train_x[tr], train_y[tr], train_bs, shuffle=True, augment=cfg.augment, pad=CROP_PAD,
                          flip=info.hflip and getattr(cfg, "hflip", True), cutout=cfg.cutout, seed=cfg.seed,
-                         **common)
+                         drop_last=bool(cfg.compile), **common)
     val = DeviceLoader(val_x[va], val_y[va], eval_batch_size(cfg, device), **common) if len(va) else None
     test = DeviceLoader(test_x[te], test_y[te], eval_batch_size(cfg, device), **common)
     return DataBundle(train, val, test, info, {"train": len(tr), "val": len(va), "test": len(te)}, custom)
@@ -189,7 +190,7 @@ def _build_torch_loaders(cfg, info, root, device, rank, world_size, train_bs) ->
     flip = info.hflip and getattr(cfg, "hflip", True)
     train_tf = flowers_transforms(size, info.mean, info.std, True, cfg.augment, cfg.cutout, flip)
     train = TorchLoader(train_ds, tr, train_tf,
-                        train_bs, shuffle=True, seed=cfg.seed, **common)
+                        train_bs, shuffle=True, seed=cfg.seed, drop_last=bool(cfg.compile), **common)
     val, n_val = None, 0
     if cfg.val_fraction > 0:
         val_ds = open_split("val")

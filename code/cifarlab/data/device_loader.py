@@ -9,6 +9,11 @@ Batches:
 - training (shuffle=True): every batch has ``batch_size`` images except the last, which holds
   the rest; a last batch of a single image is dropped, since BatchNorm cannot normalise one
   sample in training mode.
+- training with ``drop_last=True`` (what ``--compile`` uses): the ragged last batch is dropped
+  (not padded: padding would add fake images to the loss and to BatchNorm's statistics), so
+  every step has one shape and the compiled model (and its CUDA graphs) is built once. The
+  dropped images differ each epoch (the order is reshuffled), so none is left out for good.
+  A share smaller than one batch is kept whole (one batch, still one shape).
 - evaluation (shuffle=False): the split in its stored order, every image once, the last batch
   partial.
 
@@ -34,6 +39,16 @@ def epoch_seed(seed: int, epoch: int, stream: str = "loader") -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def ragged_trim(m: int, batch_size: int, shuffle: bool, drop_last: bool) -> int:
+    """How many of m images an epoch uses (see the module docstring): training drops a last
+    batch of one image (BatchNorm needs two), or with drop_last the whole ragged last batch."""
+    if not shuffle:
+        return m
+    if drop_last and m >= batch_size:
+        return m - m % batch_size
+    return m - 1 if (m > 1 and m % batch_size == 1) else m
+
+
 def shard_positions(n: int, rank: int, world_size: int, even: bool) -> torch.Tensor:
     """Positions rank, rank + world_size, ... of 0..n-1; trimmed to n // world_size if even."""
     pos = torch.arange(rank, n, world_size)
@@ -43,7 +58,8 @@ def shard_positions(n: int, rank: int, world_size: int, even: bool) -> torch.Ten
 class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std,
                  device="cpu", *, shuffle: bool = False, augment: bool = False, pad: int = 4,
-                 flip: bool = True, cutout: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 flip: bool = True, cutout: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -61,13 +77,13 @@ class DeviceLoader:
         self.pad, self.flip, self.cutout = (pad, flip, cutout) if augment else (0, False, 0)
         self.seed = seed
         self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
         self.mean, self.std = tuple(mean), tuple(std)
         self._scale, self._shift = norm_constants(mean, std, self.device)
         self.epoch = 0
         self._positions = shard_positions(len(images), rank, world_size, even=shuffle)
         m, bs = len(self._positions), self.batch_size
-        # drop a training batch of one image (BatchNorm needs two); see the module docstring
-        self.num_samples = m - 1 if (shuffle and m > 1 and m % bs == 1) else m
+        self.num_samples = ragged_trim(m, bs, shuffle, drop_last)
         self._num_batches = -(-self.num_samples // bs)
 
     def set_epoch(self, epoch: int) -> None:

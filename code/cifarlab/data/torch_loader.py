@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cifarlab.data.device_loader import epoch_seed, shard_positions
+from cifarlab.data.device_loader import epoch_seed, ragged_trim, shard_positions
 
 
 class Cutout:
@@ -58,14 +58,15 @@ class _SeededTransform(Dataset):
         i, seed = key
         img, label = self.base[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed would also reseed (unforked) GPU generators
+            torch.default_generator.manual_seed(seed)
             x = self.transform(img)
         return x, label
 
 
 class TorchLoader:
     def __init__(self, dataset, indices, transform, batch_size: int, device="cpu", *, shuffle: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, drop_last: bool = False):
         self.dataset = _SeededTransform(dataset, transform)
         self.indices = torch.as_tensor(indices, dtype=torch.long)
         self.batch_size = int(batch_size)
@@ -75,7 +76,7 @@ class TorchLoader:
         self.epoch = 0
         self._positions = shard_positions(len(self.indices), rank, world_size, even=shuffle)
         m, bs = len(self._positions), self.batch_size
-        self.num_samples = m - 1 if (shuffle and m > 1 and m % bs == 1) else m  # as DeviceLoader
+        self.num_samples = ragged_trim(m, bs, shuffle, drop_last)  # as DeviceLoader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -94,7 +94,8 @@ class SLBIPath(Callback):
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader, trainer=None) -> float:
-    """Top-1 accuracy of ``model`` over a loader (one host read at the end)."""
+    """Top-1 accuracy of ``model`` over a loader (one host read at the end). Under DDP each
+    rank holds a share of the loader: with a trainer the counts are summed across ranks."""
     was = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long)
@@ -109,6 +110,13 @@ def accuracy(model: nn.Module, loader, trainer=None) -> float:
         correct = correct.to(y.device) + (logits.argmax(1) == y).sum()
         n += y.shape[0]
     model.train(was)
+    dist = getattr(trainer, "dist", None)
+    if dist is not None and dist.enabled:
+        from cifarlab.train.distributed import all_reduce_sum
+
+        totals = torch.stack([correct.double(), torch.tensor(float(n), dtype=torch.float64, device=correct.device)])
+        c, total = all_reduce_sum(totals, dist).tolist()
+        return c / max(1.0, total)
     return correct.item() / max(1, n)
 
 
@@ -129,11 +137,13 @@ class SLBIExperiment(Callback):
         Trainer already loaded); the live state when nothing was written."""
         path_cb = next((cb for cb in trainer.callbacks if isinstance(cb, SLBIPath)), None)
         first = path_cb.first if path_cb is not None else None
-        best = None if trainer.run_dir is None else trainer.run_dir / "checkpoints" / "best.pt"
+        # every rank reads best.pt (trainer.run_dir is set on rank 0 only), so all analyse the same W*
+        rundir = getattr(trainer, "rundir", None)
+        best = None if rundir is None else rundir.best
         if best is not None and best.is_file():
             from cifarlab.train.checkpoint import load_checkpoint
 
-            ckpt = load_checkpoint(best, map_location=trainer.device)
+            ckpt = load_checkpoint(best, map_location="cpu")  # state follows each parameter's device
             trainer.optimizer.load_state_dict(ckpt["optimizer"])
             if path_cb is not None:
                 state = ckpt.get("callbacks", [])[trainer.callbacks.index(path_cb)]

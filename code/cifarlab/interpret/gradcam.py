@@ -230,7 +230,9 @@ def road_scores(model: nn.Module, images: torch.Tensor, cams: np.ndarray, target
     with _restored(model), torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
         # the package hands torch tensors to NumPy ufuncs: a NumPy 2 deprecation, not ours
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.manual_seed(seed)  # the imputer adds noise: fixed seed, global RNG untouched
+        # the imputer adds noise on the CPU: seed the CPU generator only (forked above);
+        # torch.manual_seed would also reseed the GPU generators, which fork_rng(devices=[]) leaves unforked
+        torch.default_generator.manual_seed(seed)
         model.eval()
         scores = metric(images.to(device), cams, [ClassifierOutputTarget(int(t)) for t in targets], model)
     return np.asarray(scores, dtype=np.float32).reshape(-1)

@@ -228,8 +228,7 @@ class SLBI(Optimizer):
             ps = [p for p, _ in pairs]
             st = [self.state[p] for p in ps]
             zs, gammas = [s["z"] for s in st], [s["gamma"] for s in st]
-            # on the CPU even for CUDA params: 0-d CPU scalars mix with any device, no copy to wait on
-            hp = torch.tensor([lr * kappa, lr / mu, lr * kappa / mu, m, wd], dtype=ps[0].dtype)
+            hp = self._hyper_tensor(group, ps[0], (lr * kappa, lr / mu, lr * kappa / mu, m, wd))
             gs = [g for _, g in pairs]
             try:  # compiling happens before the graph runs: a failure has mutated nothing yet
                 _compiled_pointwise()(ps, gs, [s["momentum_buffer"] for s in st], zs, gammas, hp, wd != 0)
@@ -242,6 +241,20 @@ class SLBI(Optimizer):
                 self._update(group, ps, self._direction(group, ps, gs))
                 continue
             _prox(penalty, zs, gammas, kappa, lam)
+
+    def _hyper_tensor(self, group: dict, p: torch.Tensor, values: tuple) -> torch.Tensor:
+        """The fused step's hyper-parameters as a tensor on the parameter's device (cached per
+        group; uploaded again only when a value changes, e.g. the lr once per epoch). Not a
+        0-d CPU tensor: Inductor reads a CPU scalar from a CUDA kernel only in some operand
+        orders (``hp[4] * p`` would hand the kernel a host pointer). Not Python floats: with
+        dynamic=False each new lr would compile a new graph."""
+        cache = self.__dict__.setdefault("_hp_cache", {})
+        key = (id(group), p.device, p.dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] != values:
+            t = torch.tensor(values, dtype=p.dtype)
+            hit = cache[key] = (values, t.to(p.device, non_blocking=True) if p.device.type != "cpu" else t)
+        return hit[1]
 
     def _update(self, group: dict, params: list, d: list) -> None:
         lr, kappa, mu, lam = group["lr"], group["kappa"], group["mu"], group["lam"]
@@ -288,7 +301,8 @@ def _prox(penalty: str, zs: list, gammas: list, kappa: float, lam: float) -> Non
 def _sparse_pointwise(ps, grads, bufs, zs, gammas, hp, decay: bool):
     """Momentum, z and W updates of REFERENCE §2 (momentum > 0, buffers present), per tensor so
     that torch.compile fuses them into one pass: read g, buf, W, Gamma, z; write buf, W, z.
-    hp = [a*kappa, a/mu, a*kappa/mu, momentum, wd] as a tensor, so a new lr does not recompile.
+    hp = [a*kappa, a/mu, a*kappa/mu, momentum, wd] as a tensor on the parameters' device (every
+    tensor operand of the graph lives there), so a new lr does not recompile.
     The prox stays eager (norm pass + one write of Gamma): inside the graph, inductor recomputes
     z in the norm's reduction and delays the W store, which costs more passes than it saves."""
     for p, g, b, z, gam in zip(ps, grads, bufs, zs, gammas):
