@@ -418,6 +418,7 @@ def test_cuda_resume_restores_rng_and_keeps_counters_on_cpu(tmp_path):
     cfg = tiny_cfg(tmp_path, device="cuda", optimizer="slbi_adam", lr=1e-3, epochs=1)
     Trainer(cfg).fit()
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["rng"]
+    (tmp_path / "run/summary.json").unlink()  # as if killed after epoch 1
     tr = Trainer(make_config({**cfg.to_dict(), "epochs": 2, "resume": True}))
     summary = tr.fit()  # crashed before the fix: RNG state must be a torch.ByteTensor
     assert summary["epochs_completed"] == 2
