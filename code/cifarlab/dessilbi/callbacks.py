@@ -144,7 +144,8 @@ class SLBIExperiment(Callback):
             from cifarlab.train.checkpoint import load_checkpoint
 
             ckpt = load_checkpoint(best, map_location="cpu")  # state follows each parameter's device
-            trainer.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("optimizer") is not None:  # a dense run's best.pt has no optimizer state (only SLBI's Gamma matters)
+                trainer.optimizer.load_state_dict(ckpt["optimizer"])
             if path_cb is not None:
                 state = ckpt.get("callbacks", [])[trainer.callbacks.index(path_cb)]
                 first = {k: v.to(trainer.device) for k, v in state.get("first", {}).items()}

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.config import TrainConfig, save_yaml
-from cifarlab.errors import CheckpointError, RunDirError
+from cifarlab.errors import CheckpointError, ConfigError, RunDirError
 from cifarlab.optim import build_optimizer, build_scheduler
 from cifarlab.train.build import model_from_config
 from cifarlab.train.callbacks import Callback
@@ -48,10 +48,25 @@ def count_flops(model: nn.Module, in_channels: int, image_size, device) -> int:
     x = torch.zeros(1, in_channels, *image_size, device=device)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+            try:
+                model(x)
+            except RuntimeError as exc:  # e.g. LeNet-5's 5x5 convs on 8x8 images: one line, not a traceback
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"the model cannot take {in_channels}x{'x'.join(map(str, image_size))} "
+                                  f"images ({first}); choose another model or --image-size") from None
         return int(counter.get_total_flops())
     finally:
         model.train(was_training)
+
+
+def best_payload(payload: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """What best.pt keeps: everything but the optimizer and scheduler state, which only resuming
+    needs (last.pt has it). Adam/Adadelta state would triple the file (resnet20: 3.3 MB instead of
+    1.1 MB), and the runs report/ draws from keep best.pt in git under 2 MB. SLBI is the exception:
+    its Gamma lives in the optimizer state and W*, the prune tables and fine-tuning need it."""
+    if str(cfg.optimizer).startswith("slbi"):
+        return payload
+    return {**payload, "optimizer": None, "scheduler": None}
 
 
 def train_step(trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,14 +136,14 @@ class Trainer:
         seed_everything(cfg.seed)
         # data first: a dataset that cannot be read stops the run before its directory is made
         self.data = build_loaders(cfg, self.device, rank=self.dist.rank, world_size=self.dist.world_size)
+        info = self.data.info
+        self.model = model_from_config(cfg, info.num_classes, info.in_channels).to(self.device)
+        self.params = count_params(self.model)
+        self.flops = count_flops(self.model, info.in_channels, info.image_size, self.device)  # fails if the images don't fit
         if self.rundir is not None:
             # every rank checks (read-only); only rank 0 creates folders
             resuming = self.rundir.prepare(cfg.resume) if self.is_main else self.rundir.last.is_file()
             barrier(self.dist)
-        info = self.data.info
-        self.model = model_from_config(cfg, info.num_classes, info.in_channels).to(self.device)
-        self.params = count_params(self.model)
-        self.flops = count_flops(self.model, info.in_channels, info.image_size, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model = maybe_sync_batchnorm(self.model, cfg.sync_bn, self.dist, self.device)  # --sync-bn under DDP
@@ -307,7 +322,7 @@ class Trainer:
                 self.rundir.write_log(header, self.history)
                 payload = self._checkpoint_payload(epoch)
                 if improved:
-                    save_checkpoint(self.rundir.best, payload)
+                    save_checkpoint(self.rundir.best, best_payload(payload, cfg))
                 save_checkpoint(self.rundir.last, payload)
                 if epoch == cfg.epochs or epoch % max(1, cfg.epochs // 20) == 0:
                     self._plot()
