@@ -67,3 +67,17 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: torch.nn.Module, example_inputs: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward of ``example_inputs`` (FlopCounterMode: a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_inputs)
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.errors import ConfigError
+from cifarlab.utils import forward_flops
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -146,20 +147,6 @@ def export_pruned(model: nn.Module, keep: dict[str, torch.Tensor], example_input
     return masked, pruned, plan
 
 
-def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """FLOPs of one forward pass (FlopCounterMode: a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_inputs)
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def _forward_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
     times = []
@@ -190,7 +177,7 @@ def compare_models(masked: nn.Module, pruned: nn.Module, x: torch.Tensor, repeat
         tp_ += _forward_ms(pruned, x, 1)
     masked_ms, pruned_ms = statistics.median(tm), statistics.median(tp_)
     pm, pp = sum(p.numel() for p in masked.parameters()), sum(p.numel() for p in pruned.parameters())
-    fm, fp = count_flops(masked, one), count_flops(pruned, one)
+    fm, fp = forward_flops(masked, one), forward_flops(pruned, one)
     return {"params_before": pm, "params_after": pp, "params_ratio": pp / pm,
             "flops_before": fm, "flops_after": fp, "flops_ratio": fp / fm if fm else 1.0,
             "max_abs_diff": diff, "batch": x.shape[0], "masked_ms": masked_ms, "pruned_ms": pruned_ms,

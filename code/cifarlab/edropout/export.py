@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.edropout.unit_masks import UnitLayer, strip_overrides
-from cifarlab.utils import atomic_torch_save, count_params
+from cifarlab.utils import atomic_torch_save, count_params, forward_flops
 
 
 class SelectInputs(nn.Module):
@@ -88,20 +88,6 @@ def r_paper(layers: list[UnitLayer], state: torch.Tensor) -> float:
     return kept / total if total else 0.0
 
 
-def count_forward_flops(model: nn.Module, example_input: torch.Tensor) -> int:
-    """FLOPs of one eval-mode forward of ``example_input`` (a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        model.train(was)
-    return int(counter.get_total_flops())
-
-
 def _has_params(mod: nn.Module) -> bool:
     return any(True for _ in mod.parameters(recurse=False))
 
@@ -113,7 +99,7 @@ def export_pruned(model: nn.Module, layers: list[UnitLayer], state: torch.Tensor
 
     state = state.to(torch.bool).cpu()
     pruned = strip_overrides(copy.deepcopy(model)).eval()
-    dense_flops = count_forward_flops(pruned, example_input)
+    dense_flops = forward_flops(pruned, example_input)
     mods = dict(pruned.named_modules())
     _zero_dropped(layers, mods, state)
 
@@ -202,7 +188,7 @@ def export_pruned(model: nn.Module, layers: list[UnitLayer], state: torch.Tensor
                           "kept": int(state[fc_layer.slice].sum()), "channels_after_export": fc.in_features})
     total = count_params(model)
     pruned_params = count_params(pruned)
-    flops = count_forward_flops(pruned, example_input)
+    flops = forward_flops(pruned, example_input)
     info = {
         "params": total, "pruned_params": pruned_params, "params_kept": pruned_params - zero,
         "params_kept_pct": 100.0 * (pruned_params - zero) / total,

@@ -36,27 +36,17 @@ from cifarlab.train.losses import build_loss
 from cifarlab.train.plugins import callbacks_from_config
 from cifarlab.train.precision import autocast, resolve_amp
 from cifarlab.train.rundir import RunDirectory
-from cifarlab.utils import count_params, seed_everything
+from cifarlab.utils import count_params, forward_flops, seed_everything
 
 
 def count_flops(model: nn.Module, in_channels: int, image_size, device) -> int:
-    """FLOPs of one forward pass on one image (FlopCounterMode counts a multiply-add as 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(1, in_channels, *image_size, device=device)
+    """FLOPs of one forward pass on one image; a model that cannot take the images is one error line."""
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            try:
-                model(x)
-            except RuntimeError as exc:  # e.g. LeNet-5's 5x5 convs on 8x8 images: one line, not a traceback
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConfigError(f"the model cannot take {in_channels}x{'x'.join(map(str, image_size))} "
-                                  f"images ({first}); choose another model or --image-size") from None
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
+        return forward_flops(model, torch.zeros(1, in_channels, *image_size, device=device))
+    except RuntimeError as exc:  # e.g. LeNet-5's 5x5 convs on 8x8 images: one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"the model cannot take {in_channels}x{'x'.join(map(str, image_size))} "
+                          f"images ({first}); choose another model or --image-size") from None
 
 
 def best_payload(payload: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
