@@ -163,6 +163,59 @@ def test_drop_type_names_and_the_original_codes():
     assert make_config(drop_type="2", drop_rate=0.1).drop_type == "2"
 
 
+# ---------------------------------------------------------------- what mutation testing found unpinned
+
+def test_defaults_are_half_rate_per_sample_one_path():
+    assert [cls().p for cls in (DropNeuron, DropChannel, DropPath, DropLayer)] == [0.5] * 4
+    assert (DropPath().mode, DropPath().groups, DropLayer().mode) == ("row", 1, "row")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_drop_path_drops_whole_paths_and_one_path_is_stochastic_depth(groups):
+    # groups=1: the conv is one path, some samples are zeroed whole and the rest doubled (p=0.5);
+    # groups=2: each half of the channels draws for itself, so some samples lose exactly one half
+    torch.manual_seed(5)
+    out = DropPath(0.5, "row", groups=groups).train()(torch.ones(64, 4, 1, 1))[..., 0, 0]
+    paths = out.reshape(64, groups, -1)
+    assert torch.equal(paths.amin(2), paths.amax(2))  # a path is kept or dropped as a unit
+    kept = paths[..., 0] != 0
+    assert bool(kept.any()) and bool((~kept).any())
+    assert bool((out[out != 0] == 2.0).all())
+    if groups == 2:
+        assert bool((kept[:, 0] != kept[:, 1]).any())
+
+
+@pytest.mark.parametrize("module", ALL, ids=IDS)
+def test_masks_keep_the_activation_dtype(module):
+    # bf16 activations (autocast) stay bf16: a float32 mask would promote every later layer
+    torch.manual_seed(7)
+    assert module.train()(torch.ones(16, 4, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("module", ALL, ids=IDS)
+def test_rate_zero_draws_no_random_numbers(module):
+    # a rate-0 network trains exactly as the network without dropout: the RNG stream is untouched
+    if isinstance(module, DropPath):
+        zero = DropPath(0.0, module.mode, groups=module.groups)
+    elif isinstance(module, DropLayer):
+        zero = DropLayer(0.0, module.mode)
+    else:
+        zero = type(module)(0.0)
+    x = torch.randn(8, 4, 3, 3)
+    state = torch.get_rng_state()
+    zero.train()(x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_drop_type_and_path_errors_say_what_is_allowed():
+    for bad in (True, "block"):
+        with pytest.raises(ConfigError, match=r"one of none, neuron, channel, path, layer \(or .*0-3\), got"):
+            parse_drop_type(bad)
+    assert parse_drop_type("") is None and parse_drop_type(" None ") is None
+    with pytest.raises(ConfigError, match="6 channels cannot be split into 4 paths"):
+        DropPath(0.1, groups=4).train()(torch.ones(2, 6, 1, 1))
+
+
 # ---------------------------------------------------------------- conv_block
 
 @pytest.mark.parametrize("block_type,order,norm_ch", [
