@@ -308,7 +308,7 @@ def test_train_and_cam_on_cuda_without_a_gpu_is_one_error_line(capsys, tmp_path)
     assert main(["cam", "--run-dir", str(tmp_path / "r"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert main(["cam", "--run-dir", str(tmp_path / "r"), "--device", "gpu"]) == 2
-    assert "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert "device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
 
 
 def test_sync_bn_converts_batchnorm_under_ddp_on_cuda_only():

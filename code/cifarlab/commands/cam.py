@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 NAME = "cam"
 HELP = "class activation maps (Grad-CAM, Grad-CAM++, Score-CAM, ...) of a finished run, with ROAD scores"
@@ -32,35 +31,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
+    from cifarlab.interpret.gradcam import DISPLAY, run_cam
 
-    from cifarlab.interpret.gradcam import DISPLAY, cam_figure, cam_study, method_name
-    from cifarlab.interpret.insight import load_run_model, load_test_images
-    from cifarlab.errors import ConfigError
-    from cifarlab.train.distributed import DistInfo, training_device
-    from cifarlab.utils import atomic_write_text
-
-    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if args.n < 1:
-        raise ConfigError(f"--n must be positive, got {args.n}")
-    methods = [method_name(m) for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError("--methods: give at least one method")
-    device = training_device(args.device, DistInfo())  # checked: cuda without CUDA is one error line
-    run = load_run_model(args.run_dir, args.checkpoint, device=device)
-    x, y = load_test_images(run.cfg, run.info, n=args.n, seed=args.seed, data_root=args.data_root, device=device)
-    study = cam_study(run.model, x, y.tolist(), methods, args.layer, target=args.target, road=args.road)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "gradcam.png"
-    title = (f"{run.cfg.model} on {run.cfg.dataset}, layer {study.layer}, "
-             f"{'true' if args.target == 'label' else 'predicted'} class explained")
-    cam_figure(study, out, run.info.mean, run.info.std, run.info.classes, title)
-    # a sidecar the report's interpretation section reads (it never loads models itself)
-    meta = {"run_dir": str(args.run_dir), "model": run.cfg.model, "dataset": run.cfg.dataset,
-            "checkpoint": args.checkpoint, "layer": study.layer, "target": args.target, "n": args.n,
-            "seed": args.seed, "methods": methods,
-            "road_combined": {m: round(s, 6) for m, s in study.road_table().items()}}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    study, out = run_cam(args.run_dir, methods=args.methods.split(","), layer=args.layer, n=args.n, seed=args.seed,
+                         target=args.target, checkpoint=args.checkpoint, road=args.road, data_root=args.data_root,
+                         device=args.device, out=args.out)
     print(f"layer {study.layer}; figure: {out}")
     for m, s in study.road_table().items():
         print(f"  {DISPLAY[m]:<14} ROAD {s:+.4f}  (higher = more faithful)")

@@ -328,3 +328,37 @@ def cam_figure(study: CamStudy, path: str | Path, mean: Sequence[float] = (0.0,)
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
+
+
+def run_cam(run_dir: str | Path, *, methods: Sequence[str] = DEFAULT_METHODS, layer: str = "last", n: int = 8,
+            seed: int = 0, target: str = "label", checkpoint: str = "best", road: bool = True,
+            data_root: str | None = None, device: str = "auto", out: str | Path | None = None):
+    """The CAM figure of a finished run (``n`` seeded test images x ``methods``) and its sidecar
+    ``<figure>.json`` (layer, target, ROAD per method) that the report's interpretation section
+    reads. Returns (CamStudy, figure path). ``python -m cifarlab cam`` calls this."""
+    import json
+
+    from cifarlab.interpret.insight import load_run_model, load_test_images
+    from cifarlab.train.distributed import DistInfo, training_device
+    from cifarlab.utils import atomic_write_text
+
+    if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if n < 1:
+        raise ConfigError(f"the number of images must be positive, got {n}")
+    methods = [method_name(m) for m in methods if m.strip()]
+    if not methods:
+        raise ConfigError("give at least one CAM method")
+    dev = training_device(device, DistInfo())  # checked: cuda without CUDA is one error line
+    run = load_run_model(run_dir, checkpoint, device=dev)
+    x, y = load_test_images(run.cfg, run.info, n=n, seed=seed, data_root=data_root, device=dev)
+    study = cam_study(run.model, x, y.tolist(), methods, layer, target=target, road=road)
+    out = Path(out) if out else Path(run_dir) / "gradcam.png"
+    title = (f"{run.cfg.model} on {run.cfg.dataset}, layer {study.layer}, "
+             f"{'true' if target == 'label' else 'predicted'} class explained")
+    cam_figure(study, out, run.info.mean, run.info.std, run.info.classes, title)
+    meta = {"run_dir": str(run_dir), "model": run.cfg.model, "dataset": run.cfg.dataset, "checkpoint": checkpoint,
+            "layer": study.layer, "target": target, "n": n, "seed": seed, "methods": methods,
+            "road_combined": {m: round(s, 6) for m, s in study.road_table().items()}}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    return study, out
