@@ -53,7 +53,9 @@ def interpretation_section(log_root: Path, img_dir: Path) -> str | None:
             what = (f"{run.model} on {run.dataset}, layer `{meta.get('layer', '?')}`, "
                     f"{meta.get('n', '?')} test images (seed {meta.get('seed', '?')}), each explained for its "
                     f"{'true' if meta.get('target', 'label') == 'label' else 'predicted'} class; "
-                    f"checkpoint {meta.get('checkpoint', 'best')}.pt.")
+                    f"checkpoint {meta.get('checkpoint', 'best')}.pt"
+                    + (f" (test accuracy {100 * run.summary['test_acc']:.2f}%)." if run.summary.get("test_acc") is not None
+                       else "."))
             parts += [what, "", f"![Grad-CAM, {run.name}]({link})", ""]
             road = meta.get("road_combined") or {}
             if road:
