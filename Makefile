@@ -10,7 +10,7 @@ DEMO_RUN := log/demo/lenet5-fashion-$(shell date +%Y%m%d-%H%M%S)  # a new run ea
 DEMO_ARGS ?= --model lenet5 --dataset fashion --epochs 12 --batch-size 128 --lr 0.05 \
 	--scheduler cosine --run-dir $(DEMO_RUN)
 
-.PHONY: demo test report bench venv fashion clean-venv lab gpu-check gpu-check-dry
+.PHONY: demo test report bench venv fashion clean-venv lab gpu-check gpu-check-dry mutate
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m cifarlab bench throughput --model resnet20 --device cpu
+
+# mutate: mutation testing (mutmut) of the science-critical modules listed in pyproject.toml's
+# [tool.cifarlab.mutate], each against its own tests; not part of `make test`. One core by
+# default (MAX_CHILDREN=1); MODULES="dropout/layers.py optim/slbi.py" picks some. Scores:
+# build/mutate/summary.md; surviving mutants: build/mutate/<module>/survivors.txt. Long: README.
+MAX_CHILDREN ?= 1
+mutate: $(STAMP)
+	$(PY) scripts/mutate.py --max-children $(MAX_CHILDREN) $(MODULES)
 
 # gpu-check: the CUDA paths on a machine with one GPU and no network, < 8 min (scripts/gpu_check.py):
 # CUDA tests, resnet18 eager vs --compile, bench, host syncs, SLBI fused vs eager, kill-and-resume,
