@@ -617,7 +617,7 @@ def test_bn_command_writes_the_study(study_dir):
     s = json.loads((study_dir / "summary.json").read_text())
     assert s["finished"] is True and s["study"] == "bn" and s["models"] == ["bntest", "bntest_bn"]
     assert s["seeds"] == [0, 1]
-    for name in ("config.yaml", "study.yaml", "log.txt", "landscape_losses.csv", "landscape_band.csv"):
+    for name in ("config.yaml", "study.yaml", "log.txt", L.LOSSES_CSV, "landscape_band.csv"):
         assert (study_dir / name).is_file(), name
     for seed in (0, 1):
         for fig in ("landscape", "course_predictiveness", "course_beta", "probe_loss", "probe_grad_diff", "probe_beta"):

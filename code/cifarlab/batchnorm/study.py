@@ -12,7 +12,7 @@ Stages, per seed (the seed sets the initial weights, the data order and any subs
 1. Loss landscape (landscape.py): for every model, one model per rate in ``lrs`` (Adam, the
    course recipe ``bn``: no augmentation, no weight decay), the training loss of every step and
    the course's ||g_t - g_(t-1)|| and ||w_t - w_(t-1)||; the rates train concurrently (vmap) on a
-   GPU and one after another on a CPU (``schedule``; same results). Files: landscape_losses.csv,
+   GPU and one after another on a CPU (``schedule``; same results). Files: landscape_losses.csv.gz,
    landscape_runs.csv, landscape_band.csv (one block per model and seed).
 2. Probes (probe_callback.py): for every model one ordinary Trainer run at ``probe_lr`` with the
    probes every ``probe_interval`` steps (default: enough for ``probe_count`` probed steps), into
