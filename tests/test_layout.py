@@ -109,7 +109,7 @@ from cifarlab.train.rundir import RunDirectory
 lock = RunDirectory(sys.argv[1]).lock()
 lock.acquire()
 print("locked", flush=True)
-time.sleep(120)
+time.sleep(3600)  # killed by the test; long enough for a slow, loaded machine
 """
 
 
