@@ -162,7 +162,10 @@ def test_data_root_env_overrides_only_the_default(monkeypatch, tmp_path):
     assert resolve_data_root("data") == tmp_path and resolve_data_root(None) == tmp_path
     assert resolve_data_root("elsewhere") == Path("elsewhere")
     monkeypatch.delenv("CIFARLAB_DATA")
-    assert resolve_data_root("data") == Path("data")
+    monkeypatch.delenv("CIFARLAB_ROOT", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo / "notebooks")  # where Jupyter starts a kernel: the default is still <root>/data
+    assert resolve_data_root("data") == repo / "data" and resolve_data_root(None) == repo / "data"
 
 
 def test_dataset_facts():

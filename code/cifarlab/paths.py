@@ -43,12 +43,6 @@ def data_dir() -> Path:
     return project_root() / "data"
 
 
-def under_root(path: str | Path | None, default: Path) -> Path:
-    """``path`` when given (relative paths keep their usual meaning: the working directory),
-    else the default folder under the project root."""
-    return Path(path).expanduser() if path not in (None, "") else default
-
-
 def notebook_paths(log_root: str | Path | None = None, out: str | Path | None = None,
                    smoke: bool = False) -> tuple[Path, Path, Path]:
     """(root, log, img) for a notebook: the project root, where runs go (``log_root`` or

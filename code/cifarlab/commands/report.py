@@ -6,13 +6,17 @@ HELP = "build report/README.md (tables per experiment group, study sections, fig
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--log", default="log", metavar="DIR", help="root of the run directories (default: log)")
-    parser.add_argument("--out", default="report", metavar="DIR", help="where README.md and img/ go (default: report)")
+    parser.add_argument("--log", default=None, metavar="DIR",
+                        help="root of the run directories (default: <project root>/log)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where README.md and img/ go (default: <project root>/report)")
 
 
 def run(args) -> int:
     from cifarlab.report.build import build_report
 
-    readme = build_report(args.log, args.out)
+    from cifarlab.paths import log_dir, report_dir
+
+    readme = build_report(args.log or log_dir(), args.out or report_dir())
     print(f"report written: {readme}")
     return 0

@@ -90,12 +90,14 @@ _HOW_TO = {
 
 def resolve_data_root(root: str | Path | None = None) -> Path:
     """The data root: ``root`` as given, except that the default ('data' or None) yields to
-    the environment variable CIFARLAB_DATA when it is set."""
+    the environment variable CIFARLAB_DATA when it is set, else is <project root>/data."""
     if root is None or str(root) == DEFAULT_ROOT:
         env = os.environ.get(ENV_ROOT)
         if env:
             return Path(env).expanduser()
-        return Path(DEFAULT_ROOT)
+        from cifarlab.paths import data_dir
+
+        return data_dir()  # <project root>/data, wherever the kernel or shell runs
     return Path(root).expanduser()
 
 
