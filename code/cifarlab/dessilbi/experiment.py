@@ -8,7 +8,6 @@ physically pruned model. Notebook 05 and ``python -m cifarlab slbi`` both call `
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,6 +81,3 @@ def summary_line(summary: dict) -> str:
         line += f", with W* {100 * summary['test_acc_wstar']:.2f}%"
     return line
 
-
-def read_summary(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())

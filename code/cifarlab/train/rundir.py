@@ -56,9 +56,7 @@ class RunDirectory:
         if self.is_finished():
             raise RunDirError(f"{self.path} holds a finished run; choose another --run-dir or remove it")
         has_ckpt = self.last.is_file()
-        if resume:
-            if not self.path.is_dir():
-                raise RunDirError(f"--resume: no run to resume in {self.path}")
+        if resume:  # (a missing folder is refused by Trainer.fit before the lock creates it)
             for stale in self.ckpt_dir.glob(".*.tmp"):  # a save interrupted by a kill
                 stale.unlink()
             return has_ckpt
