@@ -128,7 +128,7 @@ def test_wrn_formula_reproduces_the_reference_figures():
     assert wrn_params(28, 10, bias=False) == 36_479_194
 
 
-@pytest.mark.parametrize("name,depth,k", [("wrn16_4", 16, 4), ("wrn40_2", 40, 2)])
+@pytest.mark.parametrize("name,depth,k", [("wrn16_4", 16, 4), ("wrn16_2", 16, 2), ("wrn40_2", 40, 2)])
 def test_other_wrn_counts(name, depth, k):
     assert n_params(meta_model(name)) == wrn_params(depth, k)
     assert n_params(meta_model("wide_resnet", depth=depth, widen=k)) == wrn_params(depth, k)
@@ -170,7 +170,7 @@ def test_dpn92_regression_pin():
 # --- every registered model ------------------------------------------------------------------
 REQUIRED = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet18",
-    "wrn28_10", "wrn16_4", "wrn40_2", "wide_resnet",
+    "wrn28_10", "wrn16_4", "wrn16_2", "wrn40_2", "wide_resnet",
     "resnext29_32x4d", "resnext29_2x32d", "resnext29_2x64d", "resnext29_8x64d",
     "resnext50_2x40d", "resnext50_8x14d", "resnext50_32x4d",
     "densenet121", "dpn26", "dpn92", "dla",

@@ -103,5 +103,11 @@ def wrn16_4(num_classes=10, in_channels=3, dropout=0.0, activation="relu", bias=
 
 
 @register_model()
+def wrn16_2(num_classes=10, in_channels=3, dropout=0.0, activation="relu", bias=True):
+    """WRN-16-2 (0.69M parameters on CIFAR): the wide family small enough for a CPU course table."""
+    return wide_resnet(16, 2, num_classes, in_channels, dropout, activation, bias)
+
+
+@register_model()
 def wrn40_2(num_classes=10, in_channels=3, dropout=0.0, activation="relu", bias=True):
     return wide_resnet(40, 2, num_classes, in_channels, dropout, activation, bias)
