@@ -645,8 +645,8 @@ def test_bn_command_writes_the_study(study_dir):
     assert [(a["plain"], a["bn"], a["seed"]) for a in s["answers"]] == [("bntest", "bntest_bn", 0),
                                                                        ("bntest", "bntest_bn", 1)]
     for a in s["answers"]:
-        assert [q["key"] for q in a["questions"]] == ["band", "predictive", "predictive_course", "beta",
-                                                       "beta_course"]
+        assert [q["key"] for q in a["questions"]] == ["band", "predictive", "predictive_rel", "predictive_course",
+                                                       "beta", "beta_course"]
         for q in a["questions"]:
             assert q["answer"] == ("yes" if q["bn"] < q["plain"] else "no")
     assert len(s["comparison"]) == 2 and "seed 1" in s["comparison"][1]
@@ -798,3 +798,30 @@ def test_report_section_tables_the_probe_overhead_of_training_runs(tmp_path):
         (d / "metrics.csv").write_text(f"epoch,epoch_time_s\n1,{t}\n")
     md = bn_section(tmp_path / "log", tmp_path / "img")
     assert "| bn/k50 | m | fashion | 640 | 50 | 3 | 7.25% | 110.0s vs 100.0s (+10.0%, k0) |" in md
+
+
+def test_relative_predictiveness_divides_each_steps_largest_change_by_its_gradient_length():
+    # hand-computed: a (no BN) |g| 1, changes 0.5 and 0.8 -> 0.8; a_bn |g| 4, changes 1.0 and 2.0 -> 0.5.
+    # Absolute: BN's change (2.0) is larger ("no"); relative to |g| it is smaller ("yes"), and the
+    # note says why the absolute answer is no.
+    from cifarlab.batchnorm import figures as F
+
+    rows = []
+    for model, g, diffs in (("a", 1.0, (0.5, 0.8)), ("a_bn", 4.0, (1.0, 2.0))):
+        for eta, d in zip((0.1, 0.2), diffs):
+            rows.append({"model": model, "seed": 0, "step": 0, "epoch": 1, "kind": "rel", "eta": eta,
+                         "eta_rel": eta, "distance": eta, "loss": 1.0, "grad_diff": d, "ratio": d / eta,
+                         "beta": 0.0, "grad_norm": g, "step_length": 1.0, "train_loss": 1.0, "base_loss": 1.0})
+    probe = F.probe_stats(pd.DataFrame(rows))
+    assert probe["a/seed0"]["grad_diff_rel_median"] == pytest.approx(0.8)
+    assert probe["a_bn/seed0"]["grad_diff_rel_median"] == pytest.approx(0.5)
+    land = {F.unit(m, 0): {"band_width_median": w, "diverged": [], "no_progress": [],
+                           "course_change_max_median": 1.0, "course_beta_median": 1.0}
+            for m, w in (("a", 0.3), ("a_bn", 0.1))}
+    (rec,) = F.answers(land, probe, ["a", "a_bn"], [0])
+    q = {r["key"]: r for r in rec["questions"]}
+    assert (q["predictive"]["answer"], q["predictive_rel"]["answer"], q["band"]["answer"]) == ("no", "yes", "yes")
+    notes = " ".join(rec["notes"])
+    assert "median ||g|| 4 vs 1" in notes and "change less with BN (0.5 vs 0.8)" in notes
+    assert "without BN every rate trained" in notes
+    assert "relative to their length yes (0.5 vs 0.8)" in F.comparison_lines([rec])[0]

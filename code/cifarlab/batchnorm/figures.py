@@ -132,7 +132,7 @@ def probe_steps(probes: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
     """One row per (model, seed, step) for one kind of step size: min/max over eta of loss and
     grad_diff, beta (max ratio), ||g|| and the largest distance moved."""
     cols = ["model", "seed", "step", "loss_min", "loss_max", "grad_diff_min", "grad_diff_max", "beta",
-            "grad_norm", "distance_max"]
+            "grad_norm", "distance_max", "grad_diff_rel"]
     if probes.empty:
         return pd.DataFrame(columns=cols)
     kind = kind or probe_kind(probes)
@@ -145,6 +145,8 @@ def probe_steps(probes: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
         loss_min=("loss", "min"), loss_max=("loss", "max"), grad_diff_min=("grad_diff", "min"),
         grad_diff_max=("grad_diff", "max"), beta=("ratio", "max"), grad_norm=("grad_norm", "first"),
         distance_max=("distance", "max")).reset_index()
+    # scale-free predictiveness: the largest gradient change over the gradient's own length
+    out["grad_diff_rel"] = out["grad_diff_max"] / out["grad_norm"].where(out["grad_norm"] > 0)
     return out
 
 
@@ -228,6 +230,7 @@ def probe_stats(probes: pd.DataFrame) -> dict[str, dict]:
             "grad_diff_max_median": _med(s["grad_diff_max"]),
             "loss_spread_median": _med(s["loss_max"] - s["loss_min"]),
             "grad_norm_median": _med(s["grad_norm"]),
+            "grad_diff_rel_median": _med(s["grad_diff_rel"]),
             "distance_max_median": _med(s["distance_max"]),
             "beta_abs_median": _med(a["beta"]),
         }
@@ -259,6 +262,9 @@ QUESTIONS = [
      "course landscape: median over steps of (max - min) training loss over the rates"),
     ("predictive", "Are BN's gradients more predictive?", "probes", "grad_diff_max_median",
      "Santurkar, relative steps: median over probed steps of max over eta of ||grad L(w) - grad L(w - eta g)||"),
+    ("predictive_rel", "Are BN's gradients more predictive, relative to their length?", "probes",
+     "grad_diff_rel_median",
+     "Santurkar's probes made scale-free: median over probed steps of max over eta of ||grad diff|| / ||g||"),
     ("predictive_course", "Are BN's gradients more predictive? (course)", "landscape", "course_change_max_median",
      "course: median over steps of the max over the rates of ||g_t - g_(t-1)||"),
     ("beta", "Is BN's beta smaller?", "probes", "beta_median",
@@ -288,7 +294,7 @@ def answers(land: dict[str, dict], probe: dict[str, dict], models, seeds) -> lis
                 pv, bv = src.get(a, {}).get(stat, math.nan), src.get(b, {}).get(stat, math.nan)
                 if key == "predictive" and probe.get(b, {}).get("kind") == "abs":
                     definition = definition.replace("relative steps", "absolute steps")
-                if key == "beta" and probe.get(b, {}).get("kind") == "abs":
+                if key in ("beta", "predictive_rel") and probe.get(b, {}).get("kind") == "abs":
                     definition = definition.replace("relative steps", "absolute steps")
                 rows.append({"key": key, "question": question, "definition": definition,
                              "plain": pv, "bn": bv, "answer": _answer(pv, bv)})
@@ -313,6 +319,21 @@ def _notes(plain, bn, seed, land, probe, rows) -> list[str]:
                          f"step 0): lr " + ", ".join(f"{lr:g}" for lr in lst["no_progress"])
                          + "; a band over rates that fail alike is narrow without the landscape being smooth")
     pa, pb = probe.get(unit(plain, seed), {}), probe.get(unit(bn, seed), {})
+    by_key = {r["key"]: r for r in rows}
+    ga, gb = pa.get("grad_norm_median"), pb.get("grad_norm_median")
+    if (by_key.get("predictive", {}).get("answer") == "no" and isinstance(ga, float) and isinstance(gb, float)
+            and math.isfinite(ga) and math.isfinite(gb) and gb > ga):
+        rel = by_key.get("predictive_rel", {})
+        notes.append(f"BN's gradients are longer (median ||g|| {_g(gb)} vs {_g(ga)}) and gradient differences scale "
+                     f"with them; relative to their own length they change {'less' if rel.get('answer') == 'yes' else 'more'} "
+                     f"with BN ({_g(rel.get('bn'))} vs {_g(rel.get('plain'))})")
+    la = land.get(unit(plain, seed), {})
+    if (by_key.get("band", {}).get("answer") == "yes" and la and not la.get("diverged") and not la.get("no_progress")
+            and any(r["answer"] == "no" for r in rows if r["key"] != "band")):
+        notes.append(f"without BN every rate trained (none diverged or stalled): at these Adam rates {plain} is not "
+                     f"in the regime where BN's smoothing pays (rates at which the plain network diverges or stalls), "
+                     f"and BN's effect shows in how little the loss depends on the rate (the band), not in the "
+                     f"local gradient measures")
     if pa.get("kind") == "abs" or pb.get("kind") == "abs":
         notes.append(f"the probes used absolute step sizes: median ||g|| {_g(pb.get('grad_norm_median'))} (BN) vs "
                      f"{_g(pa.get('grad_norm_median'))}, so the networks were probed at different distances")
@@ -336,7 +357,8 @@ def comparison_lines(ans: list[dict]) -> list[str]:
             return text + ")"
 
         line = (f"{rec['bn']} vs {rec['plain']}, seed {rec['seed']}: band narrower? {part('band')}; "
-                f"gradients more predictive? {part('predictive', 'predictive_course')}; "
+                f"gradients more predictive? {part('predictive', 'predictive_course')}, relative to their length "
+                f"{q['predictive_rel']['answer']} ({_g(q['predictive_rel']['bn'])} vs {_g(q['predictive_rel']['plain'])}); "
                 f"beta smaller? {part('beta', 'beta_course')}.")
         if rec["notes"]:
             line += " Evidence: " + "; ".join(rec["notes"]) + "."
