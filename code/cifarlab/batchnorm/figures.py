@@ -324,9 +324,10 @@ def _notes(plain, bn, seed, land, probe, rows) -> list[str]:
     if (by_key.get("predictive", {}).get("answer") == "no" and isinstance(ga, float) and isinstance(gb, float)
             and math.isfinite(ga) and math.isfinite(gb) and gb > ga):
         rel = by_key.get("predictive_rel", {})
+        rb, rp = rel.get("bn", math.nan), rel.get("plain", math.nan)
+        how = ("about as much" if abs(rb / rp - 1) < 0.05 else "less" if rb < rp else "more") if rp > 0 else "n/a"
         notes.append(f"BN's gradients are longer (median ||g|| {_g(gb)} vs {_g(ga)}) and gradient differences scale "
-                     f"with them; relative to their own length they change {'less' if rel.get('answer') == 'yes' else 'more'} "
-                     f"with BN ({_g(rel.get('bn'))} vs {_g(rel.get('plain'))})")
+                     f"with them; relative to their own length they change {how} with BN ({_g(rb)} vs {_g(rp)})")
     la = land.get(unit(plain, seed), {})
     if (by_key.get("band", {}).get("answer") == "yes" and la and not la.get("diverged") and not la.get("no_progress")
             and any(r["answer"] == "no" for r in rows if r["key"] != "band")):
