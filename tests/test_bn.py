@@ -825,3 +825,20 @@ def test_relative_predictiveness_divides_each_steps_largest_change_by_its_gradie
     assert "median ||g|| 4 vs 1" in notes and "change less with BN (0.5 vs 0.8)" in notes
     assert "without BN every rate trained" in notes
     assert "relative to their length yes (0.5 vs 0.8)" in F.comparison_lines([rec])[0]
+
+
+def test_load_study_recomputes_the_answers_of_an_older_summary(study_dir, tmp_path):
+    import json
+    import shutil
+
+    from cifarlab.batchnorm import load_study
+
+    old = tmp_path / "old"
+    shutil.copytree(study_dir, old, ignore=shutil.ignore_patterns("checkpoints"))
+    summary = json.loads((old / "summary.json").read_text())
+    fresh = load_study(study_dir).answers
+    summary["answers"], summary["comparison"] = [{"stale": True}], ["stale"]  # as an older version wrote it
+    (old / "summary.json").write_text(json.dumps(summary))
+    result = load_study(old)
+    assert result.answers == fresh and "predictive_rel" in [q["key"] for q in result.answers[0]["questions"]]
+    assert result.comparison[0].startswith("bntest_bn vs bntest, seed 0: band narrower?")

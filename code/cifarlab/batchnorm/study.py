@@ -94,12 +94,21 @@ class StudyResult:
 
 
 def load_study(run_dir: str | Path) -> StudyResult:
-    """The result of a study already in ``run_dir`` (finished or not) from its summary.json."""
+    """The result of a study already in ``run_dir`` (finished or not) from its summary.json, with
+    the answers recomputed from its CSVs under the current definitions, as the report does: a
+    study written by an older version shows the same answers in a notebook as in report/."""
+    from cifarlab.batchnorm import figures as F
+
     run_dir = Path(run_dir)
     f = run_dir / "summary.json"
     if not f.is_file():
         raise RunDirError(f"{run_dir} holds no BatchNorm study summary (summary.json)")
     s = json.loads(f.read_text())
+    models, seeds = list(s.get("models") or []), list(s.get("seeds") or [s.get("seed", 0)])
+    if models:
+        numbers = F.study_numbers(run_dir, models, seeds, default_seed=seeds[0])
+        if numbers["landscape"] or numbers["probes"]:
+            s = {**s, "answers": numbers["answers"], "comparison": numbers["comparison"]}
     return StudyResult(run_dir, s, {k: run_dir / v for k, v in (s.get("figures") or {}).items()},
                        list(s.get("answers") or []))
 
