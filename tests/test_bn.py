@@ -842,3 +842,25 @@ def test_load_study_recomputes_the_answers_of_an_older_summary(study_dir, tmp_pa
     result = load_study(old)
     assert result.answers == fresh and "predictive_rel" in [q["key"] for q in result.answers[0]["questions"]]
     assert result.comparison[0].startswith("bntest_bn vs bntest, seed 0: band narrower?")
+
+
+def test_notes_name_the_final_losses_and_the_course_measures_batch_noise():
+    # hand-made numbers: BN ends lower at both rates but its band is wider; Santurkar's probes say
+    # yes, the course's measures no: both facts are stated as evidence
+    from cifarlab.batchnorm import figures as F
+
+    land = {F.unit("a", 0): {"band_width_median": 0.2, "diverged": [], "no_progress": [], "lrs": [1e-3, 1e-4],
+                             "final_losses": [0.30, 0.36], "course_change_max_median": 4.0, "course_beta_median": 80.0},
+            F.unit("a_bn", 0): {"band_width_median": 0.3, "diverged": [], "no_progress": [], "lrs": [1e-3, 1e-4],
+                                "final_losses": [0.21, 0.26], "course_change_max_median": 7.0, "course_beta_median": 130.0}}
+    probe = {F.unit("a", 0): {"kind": "rel", "probes": 60, "grad_diff_max_median": 30.0, "beta_median": 40.0,
+                              "grad_diff_rel_median": 20.0, "grad_norm_median": 1.7},
+             F.unit("a_bn", 0): {"kind": "rel", "probes": 60, "grad_diff_max_median": 12.0, "beta_median": 16.0,
+                                 "grad_diff_rel_median": 7.0, "grad_norm_median": 1.7}}
+    (rec,) = F.answers(land, probe, ["a", "a_bn"], [0])
+    assert [r["answer"] for r in rec["questions"]] == ["no", "yes", "yes", "no", "yes", "no"]
+    notes = " ".join(rec["notes"])
+    assert "final training loss per rate (lr: no BN / BN) 0.001: 0.3 / 0.21, 0.0001: 0.36 / 0.26" in notes
+    assert "BN ends lower at every rate" in notes
+    assert "Are BN's gradients more predictive: yes by Santurkar's probes, no by the course's measure" in notes
+    assert "Is BN's beta smaller: yes by Santurkar's probes" in notes

@@ -206,6 +206,7 @@ def landscape_stats(band: pd.DataFrame, runs: pd.DataFrame, losses: pd.DataFrame
             "band_width_last10pct": _mean(last["max"] - last["min"]) if len(last) else math.nan,
             "steps": int(len(b)),
             "lrs": [float(v) for v in r["lr"]],
+            "final_losses": ([float(v) for v in r["final_loss"]] if "final_loss" in r else []),
             "diverged": [(float(lr), int(s)) for lr, s in zip(div["lr"], div["diverged_step"])],
             "no_progress": no_progress(losses, model, seed=seed) if losses is not None else [],
             "course_change_max_median": _med(b["change_max"]) if "change_max" in b else math.nan,
@@ -335,6 +336,21 @@ def _notes(plain, bn, seed, land, probe, rows) -> list[str]:
                      f"in the regime where BN's smoothing pays (rates at which the plain network diverges or stalls), "
                      f"and BN's effect shows in how little the loss depends on the rate (the band), not in the "
                      f"local gradient measures")
+    lb = land.get(unit(bn, seed), {})
+    if (by_key.get("band", {}).get("answer") == "no" and la.get("final_losses") and lb.get("final_losses")
+            and la.get("lrs") == lb.get("lrs")):
+        per_rate = ", ".join(f"{lr:g}: {_g(x)} / {_g(y)}" for lr, x, y in zip(la["lrs"], la["final_losses"],
+                                                                          lb["final_losses"]))
+        lower = all(y < x for x, y in zip(la["final_losses"], lb["final_losses"]))
+        notes.append(f"final training loss per rate (lr: no BN / BN) {per_rate}"
+                     + ("; BN ends lower at every rate, but its rates spread more: the band measures how much "
+                        "the loss depends on the rate, not how low it gets" if lower else ""))
+    for santurkar, course in (("predictive", "predictive_course"), ("beta", "beta_course")):
+        if by_key.get(santurkar, {}).get("answer") == "yes" and by_key.get(course, {}).get("answer") == "no":
+            notes.append(f"{by_key[santurkar]['question'].rstrip('?')}: yes by Santurkar's probes, no by the course's "
+                         f"measure: the course compares g_t and g_(t-1) on different mini-batches one optimizer step "
+                         f"apart, so batch-to-batch gradient noise enters it; the probes keep the batch fixed and move "
+                         f"along -g only")
     if pa.get("kind") == "abs" or pb.get("kind") == "abs":
         notes.append(f"the probes used absolute step sizes: median ||g|| {_g(pb.get('grad_norm_median'))} (BN) vs "
                      f"{_g(pa.get('grad_norm_median'))}, so the networks were probed at different distances")
