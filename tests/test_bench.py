@@ -47,6 +47,19 @@ def test_machine_line_names_the_gpu_and_the_threads():
                                "torch 2.x, GPU NVIDIA H200")
 
 
+def test_hardware_label_is_the_gpu_or_the_cpu_with_its_fastest_relevant_isa(monkeypatch):
+    import cifarlab.machine as M
+
+    base = {"cpu": "C", "arch": "x86_64", "threads": 1, "cores_available": 1, "logical_cpus": 2, "torch": "2.x",
+            "cpu_features": {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": False}, "gpu": None}
+    monkeypatch.setattr(M, "describe_machine", lambda device="cpu": base)
+    assert M.hardware_label("cpu") == "C (AVX512-BF16), 1 thread on 1 of 2 CPUs"
+    base.update(threads=2, cpu_features={"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False})
+    assert M.hardware_label("cpu") == "C (AVX2), 2 threads on 1 of 2 CPUs"
+    base.update(gpu="NVIDIA H200")
+    assert M.hardware_label("cpu") == "GPU NVIDIA H200"
+
+
 def test_bench_optimizer_prints_and_records_the_machine(monkeypatch, tmp_path, capsys):
     fake_cpu(monkeypatch, BF16_CPU)
     r = bench.bench_optimizer("lenet5", "cpu", repeats=1, optimizers=["sgd"], out_dir=tmp_path)

@@ -22,6 +22,7 @@ from cifarlab.batchnorm.probe_callback import BNProbeCallback, callbacks_from_co
 from cifarlab.batchnorm.probes import gradient_at, gradient_step_length, probe_along_gradient
 from cifarlab.config import make_config
 from cifarlab.errors import ConfigError
+from cifarlab.machine import hardware_label
 
 torch.set_num_threads(1)
 
@@ -746,7 +747,7 @@ def test_report_section_states_the_answers(study_dir, tmp_path):
                      "Is BN's beta smaller?", "Which definition each figure uses"):
         assert question in md
     assert "1e+30 (step" in md  # the diverged rate is named in the table
-    assert "Hardware: CPU" in md and "python -m cifarlab bn --models bntest,bntest_bn" in md
+    assert f"Hardware: {hardware_label('cpu')}" in md and "python -m cifarlab bn --models bntest,bntest_bn" in md
     assert md == bn_section(log_root, tmp_path / "img")  # deterministic
 
 

@@ -835,6 +835,9 @@ def test_report_section_builds_the_paper_table(tmp_path):
         fake_run(log, f"random{int(keep * 100)}", {"test_acc": acc, "edropout_mode": "random",
                                                    "edropout_random_keep": keep, "r_paper": 0.3},
                  {"edropout": True, "edropout_random_keep": keep})
+    # the search run's per-unit bookkeeping: dropped units kept in 2, 0, 1 of 4 steps
+    torch.save({"state": torch.tensor([True, False, False, False]), "kept_steps": torch.tensor([4, 2, 0, 1]),
+                "search_steps": 4}, log / "edropout" / "edropout" / "edropout_state.pt")
     md = edropout_section(log, tmp_path / "img")
     # ours: original / F recal. / F batch stats / P / R (paper), then random P (R paper)
     assert table_row(md, "resnet20") == ["resnet20", "fashion", "4", "1,200", "80.00", "75.12", "76.34", "78.00",
@@ -844,9 +847,9 @@ def test_report_section_builds_the_paper_table(tmp_path):
                                                      "93.45", "93.57", "50.43"]
     # pruning and search: units, R (paper), params and FLOPs of the export, its accuracy, the search
     assert table_row(md, "edropout/edropout")[1:] == ["edropout", "78.00", "55.00", "41.23", "33.01", "29.00", "—",
-                                                      "77.95", "4,642", "37", "1.25", "3"]
+                                                      "77.95", "4,642", "37", "1.25", "25.00", "33.33", "3"]
     assert table_row(md, "edropout/random50")[1:3] == ["random 0.5", "70.00"]
-    assert table_row(md, "edropout/random50")[9:12] == ["—", "—", "—"]  # no search
+    assert table_row(md, "edropout/random50")[9:14] == ["—", "—", "—", "—", "—"]  # no search
     # labels: data, schedule, hardware, wall time and the command that reproduces the run
     labels = [line for line in md.splitlines() if line.startswith("| edropout/edropout |")][-1]  # the last table
     assert "StepLR every 6 ep x0.1; freeze from epoch 3 of 4" in labels and "AMD EPYC (1 thread), bf16" in labels
@@ -861,3 +864,22 @@ def test_report_section_builds_the_paper_table(tmp_path):
     assert (tmp_path / "img" / "edropout.png").is_file()
     png = (tmp_path / "img" / "edropout.png").read_bytes()
     assert edropout_section(log, tmp_path / "img") == md and (tmp_path / "img" / "edropout.png").read_bytes() == png
+
+
+def test_dropped_units_training_is_counted_over_the_units_the_final_state_drops(tmp_path):
+    """Hand count: 10 search steps; the final state drops units 1, 3, 4, kept in 0, 3 and 1
+    of those steps -> fractions 0, 0.3, 0.1: median 0.1, one of three under 5%. The kept
+    units (0 and 2, kept 10 and 7 times) do not enter."""
+    from cifarlab.edropout.export import dropped_units_training, read_dropped_units_training
+
+    state = torch.tensor([True, False, True, False, False])
+    kept = torch.tensor([10, 0, 7, 3, 1], dtype=torch.int32)
+    got = dropped_units_training(state, kept, 10)
+    assert got["dropped_kept_median"] == pytest.approx(0.1)
+    assert got["dropped_kept_under_5pct"] == pytest.approx(1 / 3)
+    assert dropped_units_training(torch.ones(5, dtype=torch.bool), kept, 10) == {}
+    assert dropped_units_training(state, kept, 0) == {}
+    torch.save({"state": state, "kept_steps": kept, "search_steps": 10}, tmp_path / "edropout_state.pt")
+    assert read_dropped_units_training(tmp_path) == got
+    torch.save({"state": state}, tmp_path / "edropout_state.pt")  # a random-mask run: no search
+    assert read_dropped_units_training(tmp_path) == {}

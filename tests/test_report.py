@@ -112,7 +112,7 @@ def test_table_numbers_markers_and_links(logs, tmp_path):
 
     diverged = dict(zip(cols, table_row(readme, "wrn28_10")))
     assert diverged["status"].startswith("**diverged**")
-    assert "dataset: fashion" in readme and "device: cpu" in readme
+    assert "dataset: fashion" in readme and "hardware: cpu" in readme
     assert "(img/runs-all-200ep.png)" in readme and (out / "img/runs-all-200ep.png").is_file()
 
 

@@ -64,6 +64,8 @@ def test_fit_writes_the_run_directory_contract(tmp_path):
         assert key in on_disk, key
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["epochs_completed"] == 2 and on_disk["diverged"] is False and on_disk["finished"] is True
+    from cifarlab.machine import hardware_label
+    assert on_disk["hardware"] == hardware_label("cpu")  # every run says where it ran
     assert on_disk["best_val_acc"] == pytest.approx(metrics["val_acc"].max(), abs=1e-6)
     assert on_disk["test_error"] == pytest.approx(100 * (1 - on_disk["test_acc"]))
     # LeNet-5, 3 input channels: 456 + 2,416 + 48,120 + 10,164 + 850

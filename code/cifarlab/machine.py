@@ -78,3 +78,18 @@ def machine_line(m: dict[str, Any]) -> str:
     if m.get("gpu"):
         line += f", GPU {m['gpu']}"
     return line
+
+
+def hardware_label(device: torch.device | str = "cpu") -> str:
+    """The short label a run's summary.json carries ("hardware") and the report prints beside its
+    wall time: the GPU's name, or the CPU model, whether it computes bf16 natively, and the
+    threads PyTorch trained with on how many usable cores.
+    e.g. 'AMD EPYC (AVX512-BF16), 1 thread on 1 of 2 CPUs' or 'GPU NVIDIA H200'."""
+    m = describe_machine(device)
+    if m.get("gpu"):
+        return f"GPU {m['gpu']}"
+    feats = m["cpu_features"]
+    isa = "AMX" if feats.get("amx") else "AVX512-BF16" if feats.get("avx512_bf16") else \
+        "AVX-512" if feats.get("avx512") else "AVX2" if feats.get("avx2") else m["arch"]
+    threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
+    return f"{m['cpu']} ({isa}), {threads} on {m['cores_available']} of {m['logical_cpus']} CPUs"

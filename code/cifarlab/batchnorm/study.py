@@ -49,6 +49,7 @@ import yaml
 
 from cifarlab.batchnorm.probe_callback import DEFAULT_ETAS, DEFAULT_PROBE_INTERVAL, DEFAULT_REL_ETAS
 from cifarlab.errors import ConfigError, RunDirError
+from cifarlab.machine import hardware_label
 
 DEFAULT_MODELS = ("vgg_a_light", "vgg_a_light_bn")
 DEFAULT_LRS = (1e-3, 2e-3, 1e-4, 5e-4)  # the course's example rates (Adam)
@@ -211,27 +212,6 @@ def _finished_run(path: Path) -> dict | None:
     except ValueError:
         return None
     return s if s.get("finished") else None
-
-
-def hardware(device) -> str:
-    """The machine in words: GPU name, or CPU model, usable cores and torch threads."""
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"CPU {name}, {usable} of {os.cpu_count()} logical cores usable, {torch.get_num_threads()} torch "
-            f"thread(s), no GPU")
 
 
 def cli_command(settings: dict, extra: dict[str, Any], run_dir: Path, cfg=None) -> str:
@@ -621,7 +601,7 @@ def _run(cfg, settings, run_dir: Path, log, command: str, t_start: float, replac
         "probe_wall_time_s": probe_wall,
         "answers": numbers["answers"], "comparison": numbers["comparison"],
         "overhead": overhead,
-        "command": command, "hardware": hardware(device), "smooth": settings["smooth"],
+        "command": command, "hardware": hardware_label(device), "smooth": settings["smooth"],
         "figures": {k: os.path.relpath(v, run_dir) for k, v in figs.items()},
         "finished": True,
     }

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 from typing import Any
 
 import torch
@@ -63,22 +62,6 @@ from cifarlab.train.callbacks import Callback
 
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def describe_hardware(device) -> str:
-    """The machine a run used, for the report's labels: the GPU's name, or the CPU model and
-    the number of threads PyTorch computes with."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 class EDropout(Callback):
@@ -378,7 +361,6 @@ class EDropout(Callback):
             "test_acc_P": summary.get("test_acc"),
             "r_paper": r_paper(self.masks.layers, state),
         })
-        summary.setdefault("hardware", describe_hardware(self.device))
         if search:
             summary.update(self.search_counts())
         hist = getattr(trainer, "history", [])

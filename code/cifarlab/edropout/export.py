@@ -247,3 +247,29 @@ def write_edropout_files(run_dir, layers: list[UnitLayer], state: torch.Tensor, 
         w.writeheader()
         w.writerows(rows)
     tmp.replace(run_dir / "edropout_layers.csv")
+
+
+def dropped_units_training(state: torch.Tensor, kept_steps: torch.Tensor, search_steps: int) -> dict:
+    """How much training the units outside the final state received before the freeze: the
+    median over those units of (search steps that kept the unit / search steps), and the share
+    of them kept in under 5% of the steps. This is what F (all units on) pays for: a unit
+    the search rarely kept has weights close to their initialisation. Fractions 0..1; empty
+    dict when there is nothing to measure (no search steps, or no dropped unit)."""
+    state = state.to(torch.bool).cpu()
+    dropped = ~state
+    if search_steps <= 0 or not bool(dropped.any()):
+        return {}
+    frac = kept_steps.cpu().double()[dropped] / search_steps
+    return {"dropped_kept_median": float(frac.median()), "dropped_kept_under_5pct": float((frac < 0.05).double().mean())}
+
+
+def read_dropped_units_training(run_dir) -> dict:
+    """``dropped_units_training`` from a run's edropout_state.pt ({} for a random-mask run,
+    an older run without kept_steps, or no file)."""
+    path = Path(run_dir) / "edropout_state.pt"
+    if not path.is_file():
+        return {}
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    if "kept_steps" not in payload:
+        return {}
+    return dropped_units_training(payload["state"], payload["kept_steps"], int(payload.get("search_steps") or 0))

@@ -23,6 +23,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from cifarlab.edropout.export import read_dropped_units_training
 from cifarlab.report.build import DASH, Run, find_runs, fmt_duration, fmt_float, markdown_table
 from cifarlab.report.curves import as_percent, integer_epochs, save_figure
 from cifarlab.report.registry import register_section
@@ -126,6 +127,7 @@ def detail_table(runs: list[Run]):
         s = run.summary
         frozen = s.get("edropout_frozen_epoch")
         steps, changes = s.get("search_steps"), s.get("state_changes")
+        dropped = read_dropped_units_training(run.path) if kind == "edropout" else {}
         rows.append({
             "run": f"{run.group}/{run.name}", "role": kind if keep is None else f"random {keep:g}",
             "P": fmt_float(pct(s.get("test_acc_P", s.get("test_acc")))),
@@ -138,7 +140,9 @@ def detail_table(runs: list[Run]):
             "search steps": f"{steps:,}" if isinstance(steps, int) else DASH,
             "state changes": f"{changes:,}" if isinstance(changes, int) else DASH,
             "never trained (%)": fmt_float(pct(s.get("units_never_trained"))),
-            "frozen at epoch": str(frozen) if frozen is not None else DASH,
+            "dropped: median kept (%)": fmt_float(pct(dropped.get("dropped_kept_median"))),
+            "dropped: kept < 5% (%)": fmt_float(pct(dropped.get("dropped_kept_under_5pct"))),
+            "frozen at epoch": str(frozen) if frozen is not None and kind == "edropout" else DASH,
         })
     return pd.DataFrame(rows)
 
@@ -304,7 +308,9 @@ def edropout_section(log_root: Path, img_dir: Path) -> str | None:
         "network, one image for FLOPs; *export acc*: the export's test accuracy (equals P up to rounding). "
         "*search steps*: training steps whose state came from the search, up to the freeze; *state changes*: "
         "how often that state changed; *never trained*: units that no search step kept, whose weights "
-        "stayed at their initialisation until the freeze.", "",
+        "stayed at their initialisation until the freeze; *dropped: median kept*: over the units the final "
+        "state drops (the half that F switches back on), the median share of search steps that kept them, "
+        "and *kept < 5%*: how many of them were kept in under 5% of the steps (edropout_state.pt).", "",
         markdown_table(detail_table(runs)), "",
         f"What each run is (the paper: {PAPER_EPOCHS} epochs, StepLR every {PAPER_STEP} x0.1, freeze from "
         f"epoch {PAPER_FREEZE}, on a GPU; shorter runs scale the three epochs alike):", "",

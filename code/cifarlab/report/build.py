@@ -261,7 +261,8 @@ def _distinct(values) -> str:
 
 
 def group_caption(runs: list[Run]) -> str:
-    """The labels a reader needs: dataset, epochs, training-set size, hardware."""
+    """The labels a reader needs: dataset, epochs, training-set size, hardware (runs from before
+    summary.json recorded it show their device; the group's NOTES.md names the machine)."""
     subsets = []
     for r in runs:
         n = r.summary.get("train_images") or r.config.get("train_subset")
@@ -269,7 +270,7 @@ def group_caption(runs: list[Run]) -> str:
     return (f"dataset: {_distinct(r.dataset for r in runs)} · "
             f"epochs planned: {_distinct(r.epochs_planned for r in runs)} · "
             f"training images: {_distinct(subsets)} · "
-            f"device: {_distinct(r.summary.get('device') for r in runs)}")
+            f"hardware: {_distinct(r.summary.get('hardware') or r.summary.get('device') for r in runs)}")
 
 
 def group_figure(runs: list[Run], path: Path) -> Path | None:

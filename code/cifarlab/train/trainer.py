@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from cifarlab.config import TrainConfig, save_yaml
 from cifarlab.errors import CheckpointError, ConfigError, RunDirError
+from cifarlab.machine import hardware_label
 from cifarlab.optim import build_optimizer, build_scheduler
 from cifarlab.train.build import model_from_config
 from cifarlab.train.callbacks import Callback
@@ -339,7 +340,7 @@ class Trainer:
             "test_error": None if test_acc is None else 100.0 * (1.0 - test_acc),
             "wall_time_s": self.wall_time_before + (time.time() - self.t_fit),
             "diverged": diverged, "finished": True,
-            "device": str(self.device), "world_size": self.dist.world_size,
+            "device": str(self.device), "hardware": hardware_label(self.device), "world_size": self.dist.world_size,
             "amp": self.precision.amp, "amp_reason": self.precision.reason,
             "train_images": self.data.train.num_samples * self.dist.world_size,
         }
