@@ -463,17 +463,17 @@ def test_train_command_with_dropout_network_and_variance_shift(tmp_path):
 
 # ---------------------------------------------------------------- the report section
 
-def _fake_run(root, name, block_type, drop_type, rate, error, ratios):
+def _fake_run(root, name, block_type, drop_type, rate, error, ratios, seed=0, group="dropout"):
     import json
 
     import yaml
 
-    run = root / "dropout" / name
+    run = root / group / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(dict(
         model="preresnet_drop", net_type="preresnet", depth=11, arg1=1.0, block_type=block_type,
         drop_type=drop_type, drop_rate=rate, norm="bn", model_kwargs={"base_width": 8}, dataset="fashion",
-        epochs=2)))
+        epochs=2, seed=seed)))
     (run / "summary.json").write_text(json.dumps(dict(model="preresnet_drop", dataset="fashion", epochs=2,
                                                       epochs_completed=2, test_error=error, finished=True)))
     head = "epoch,val_acc," + ",".join(columns())
@@ -496,7 +496,7 @@ def test_report_section_tables_and_figure(tmp_path):
     assert "| channel | 0.10 | — | 11.25 | — |" in md
     assert "| layer | 0.10 | row | — | 13.00 |" in md
     # per run: the last epoch's variance ratios (first, middle, last)
-    assert ("| b0-channel-0.1 | preresnet-11 arg1=1 base_width=8 | bn | 0 | channel | 0.10 | — | — | 11.25 | "
+    assert ("| b0-channel-0.1 | preresnet-11 arg1=1 base_width=8 | bn | 0 | channel | 0.10 | — | 0 | — | 11.25 | "
             "0.910 | 0.810 | 0.710 | 2 |") in md
     # last epoch, mean of first/middle/last: (1 + 0.99 + 0.96) / 3, (0.91 + 0.81 + 0.71) / 3, (0.96 + 0.92 + 0.875) / 3
     assert "- block type 0: none 0.983, channel 0.1 0.810" in md
@@ -504,3 +504,41 @@ def test_report_section_tables_and_figure(tmp_path):
     assert f"img/{FIGURE}" in md and (img / FIGURE).is_file()
     first = (img / FIGURE).read_bytes()
     assert dropout_section(log, img) == md and (img / FIGURE).read_bytes() == first  # deterministic
+    assert "one seed: spread not measured" in md  # no verdict from a single seed
+
+
+def test_report_section_aggregates_seeds_and_judges_the_gain_against_their_spread(tmp_path):
+    """Hand-computed: no dropout 12, 13, 14 (mean 13, std 1); channel 0.1 at 10.5, 11, 11.5
+    (mean 11, std 0.5): gain 2 > 1 + 0.5, it helps (channel 0.3 at one seed, 9, is not the repeated
+    setting, so not the verdict's); layer 0.1 at 12, 12.5 (mean 12.25, std 0.3536):
+    gain 0.75 < 1.35, within the spread; path 0.1 at 14, 15: no gain. Another group is its own study."""
+    from cifarlab.dropout.report_section import dropout_section
+
+    log, img = tmp_path / "log", tmp_path / "img"
+    r = [(1.0, 1.0, 1.0), (1.0, 1.0, 1.0)]
+    for seed, err in enumerate((12.0, 13.0, 14.0)):
+        _fake_run(log, f"b0-none-s{seed}", 0, "neuron", 0.0, err, r, seed=seed, group="dropout-fashion")
+    for seed, err in enumerate((10.5, 11.0, 11.5)):
+        _fake_run(log, f"b0-channel-0.1-s{seed}", 0, "channel", 0.1, err, [(0.9, 0.9, 0.9), (0.8, 0.7, 0.6)],
+                  seed=seed, group="dropout-fashion")
+    # a lower error at one seed does not displace the setting repeated over three
+    _fake_run(log, "b0-channel-0.3", 0, "channel", 0.3, 9.0, r, group="dropout-fashion")
+    for seed, err in enumerate((12.0, 12.5)):
+        _fake_run(log, f"b0-layer-0.1-s{seed}", 0, "layer", 0.1, err, r, seed=seed, group="dropout-fashion")
+    for seed, err in enumerate((14.0, 15.0)):
+        _fake_run(log, f"b0-path-0.1-s{seed}", 0, "path", 0.1, err, r, seed=seed, group="dropout-fashion")
+    _fake_run(log, "b0-none", 0, "neuron", 0.0, 30.0, r)  # another group: its own study
+    md = dropout_section(log, img)
+    own = md[md.index("### dropout-fashion"):]
+    assert md.index("### dropout\n") < md.index("### dropout-fashion")
+    assert "| none | 0.00 | — | 13.00 ± 1.00 (n=3) |" in own
+    assert "| channel | 0.10 | — | 11.00 ± 0.50 (n=3) |" in own
+    assert "| layer | 0.10 | row | 12.25 ± 0.35 (n=2) |" in own
+    assert "- block type 0: no dropout 13.00 ± 1.00 (n=3), variance ratio 1.000" in own
+    # channel: last-epoch ratio mean (0.8 + 0.7 + 0.6) / 3 = 0.7 for every seed
+    assert ("  - channel (best rate 0.1): 11.00 ± 0.50 (n=3), variance ratio 0.700; **helps**: gain 2.00 points "
+            "> spread 1.50") in own
+    assert "  - layer (best rate 0.1, row): 12.25 ± 0.35 (n=2), variance ratio 1.000; gain 0.75 points within the spread 1.35" in own
+    assert "  - path (best rate 0.1, row): 14.50 ± 0.71 (n=2), variance ratio 1.000; no gain (-1.50 points)" in own
+    assert "30.00" not in own and "| none | 0.00 | — | 30.00 |" in md
+    assert (img / "dropout-variance-shift-dropout-fashion.png").is_file()

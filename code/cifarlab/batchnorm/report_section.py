@@ -110,7 +110,7 @@ def _one_study(run, img_dir: Path) -> str:
     counts = sorted({p.get("probes") for p in (s.get("probes") or {}).values() if p.get("probes") is not None})
     rel = s.get("probe_rel_etas")
     out.append(
-        f"Dataset **{s.get('dataset', DASH)}**, {images or s.get('train_subset') or DASH} training images, "
+        f"Dataset **{s.get('dataset', DASH)}**, {images or s.get('train_subset') or 'all'} training images, "
         f"{s.get('epochs', DASH)} epoch(s), batch {s.get('batch_size', DASH)}, Adam, learning rates "
         f"{', '.join(f'{v:g}' for v in s.get('lrs', []))}, seed(s) {', '.join(str(v) for v in seeds)}; training in "
         f"{prec.get('training', DASH)}, probes in {prec.get('probes', 'the training precision')}. Probe runs at lr "

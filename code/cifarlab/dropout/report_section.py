@@ -1,14 +1,21 @@
 """Structural dropout (Cai et al. 2019; issue 7) in the report.
 
 A dropout run is any run directory whose config.yaml builds a dropout network (``net_type``
-set, or ``model`` one of the ``*_drop`` names); grid/dropout.txt puts them in log/dropout/.
-The section gives the test error per level and rate for each block type, a per-run table with
-the final variance-shift ratios, and the variance-shift figure: eval/train ratio of the input
-variance of the first, middle and last norm layer after dropout, per epoch.
+set, or ``model`` one of the ``*_drop`` names); grid/dropout.txt and grid/dropout-fashion.txt put
+them in log/dropout*/. Each group is its own study (its own data size and length), rendered as:
+  * the test error per level and rate for each block type; where a setting ran with several
+    seeds, mean +- sample standard deviation (n);
+  * the verdict per block type: for each level its best rate (lowest mean error) against the
+    no-dropout baseline, and whether the gain exceeds the seed-to-seed spread (gain > std of the
+    baseline + std of the setting, both over >= 2 seeds), with the variance shift beside it;
+  * a per-run table with the final variance-shift ratios, and the variance-shift figure:
+    eval/train ratio of the input variance of the first, middle and last norm layer after dropout,
+    per epoch (one seed per setting).
 """
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 from cifarlab.dropout.layers import parse_drop_type
@@ -19,7 +26,7 @@ from cifarlab.report.registry import register_section
 
 LEVELS = ("none", "neuron", "channel", "path", "layer")
 POSITIONS = ("first", "middle", "last")
-FIGURE = "dropout-variance-shift.png"
+FIGURE = "dropout-variance-shift.png"  # of the group "dropout"; other groups: dropout-variance-shift-<group>.png
 
 
 def is_dropout_run(run: Run) -> bool:
@@ -65,16 +72,53 @@ def _final(run: Run, column: str) -> float | None:
     return vals[-1] if vals else None
 
 
+def setting_key(run: Run) -> tuple:
+    """A setting without its seed: runs that differ only in the seed are repeats of it."""
+    s = setting(run)
+    return (s["arch"], s["norm"], s["block_type"], _level_rank(s["level"]), s["level"], s["rate"], s["mode"])
+
+
+def _seed(run: Run) -> int:
+    return int(run.config.get("seed") or 0)
+
+
+def seed_stats(runs: list[Run]) -> dict[tuple, dict]:
+    """Per setting: the test errors over its seeds, their mean, sample std (None for one seed), n,
+    and the mean final variance ratio (over the three tracked layers and the seeds)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.summary.get("test_error") is not None:
+            groups.setdefault(setting_key(run), []).append(run)
+    out = {}
+    for key, members in groups.items():
+        errors = [float(r.summary["test_error"]) for r in sorted(members, key=_seed)]
+        ratios = []
+        for r in members:
+            vals = [_final(r, f"ratio_var_{pos}") for pos in POSITIONS]
+            if all(v is not None for v in vals):
+                ratios.append(sum(vals) / len(vals))
+        out[key] = {"errors": errors, "mean": statistics.fmean(errors), "n": len(errors),
+                    "std": statistics.stdev(errors) if len(errors) > 1 else None,
+                    "var_ratio": statistics.fmean(ratios) if ratios else None}
+    return out
+
+
+def fmt_mean_std(st: dict) -> str:
+    if st["n"] == 1:
+        return fmt_float(st["mean"])
+    return f"{st['mean']:.2f} ± {st['std']:.2f} (n={st['n']})"
+
+
 def error_pivot(runs: list[Run]):
-    """Rows (level, rate), one column per block type: test error in % of the best-val checkpoint."""
+    """Rows (level, rate), one column per block type: test error in % of the best-val checkpoint
+    (mean +- std over seeds where a setting has several)."""
     import pandas as pd
 
     cells: dict[tuple, dict[str, str]] = {}
     block_types = sorted({setting(r)["block_type"] for r in runs})
-    for run in runs:
-        s = setting(run)
-        key = (_level_rank(s["level"]), s["level"], s["rate"], s["mode"])
-        cells.setdefault(key, {})[f"block type {s['block_type']}"] = fmt_float(run.summary.get("test_error"))
+    for key, st in seed_stats(runs).items():
+        _arch, _norm, bt, rank, level, rate, mode = key
+        cells.setdefault((rank, level, rate, mode), {})[f"block type {bt}"] = fmt_mean_std(st)
     rows = []
     for key in sorted(cells):
         _rank, level, rate, mode = key
@@ -84,6 +128,42 @@ def error_pivot(runs: list[Run]):
     return pd.DataFrame(rows)
 
 
+def verdicts(runs: list[Run]) -> list[str]:
+    """Per block type and level: its best rate against no dropout, and whether the gain exceeds
+    the seed-to-seed spread (gain > std(baseline) + std(setting), each over >= 2 seeds). The best
+    rate is the one repeated over the most seeds (the grid repeats the setting that won on the
+    first seed), then the lowest mean error."""
+    stats = seed_stats(runs)
+    lines = []
+    for bt in sorted({k[2] for k in stats}):
+        base = [(k, st) for k, st in stats.items() if k[2] == bt and k[4] == "none"]
+        if not base:
+            continue
+        bk, bst = min(base, key=lambda t: t[1]["mean"])
+        shift = f", variance ratio {bst['var_ratio']:.3f}" if bst["var_ratio"] is not None else ""
+        parts = [f"- block type {bt}: no dropout {fmt_mean_std(bst)}{shift}"]
+        for level in LEVELS[1:]:
+            cands = [(k, st) for k, st in stats.items() if k[2] == bt and k[4] == level]
+            if not cands:
+                continue
+            # the setting repeated over seeds (the grid repeats the best of the first seed), else the lowest error
+            k, st = min(cands, key=lambda t: (-t[1]["n"], t[1]["mean"], t[0][5]))
+            gain = bst["mean"] - st["mean"]
+            if st["std"] is None or bst["std"] is None:
+                judged = "one seed: spread not measured"
+            elif gain > bst["std"] + st["std"]:
+                judged = f"**helps**: gain {gain:.2f} points > spread {bst['std'] + st['std']:.2f}"
+            elif gain > 0:
+                judged = f"gain {gain:.2f} points within the spread {bst['std'] + st['std']:.2f}: not shown"
+            else:
+                judged = f"no gain ({gain:+.2f} points)"
+            shift = f", variance ratio {st['var_ratio']:.3f}" if st["var_ratio"] is not None else ""
+            parts.append(f"  - {level} (best rate {k[5]:g}{'' if k[6] == DASH else ', ' + k[6]}): "
+                         f"{fmt_mean_std(st)}{shift}; {judged}")
+        lines += parts
+    return lines
+
+
 def run_table(runs: list[Run]):
     import pandas as pd
 
@@ -91,7 +171,7 @@ def run_table(runs: list[Run]):
     for run in runs:
         s = setting(run)
         row = {"run": run.name, "network": s["arch"], "norm": s["norm"], "block type": s["block_type"],
-               "level": s["level"], "rate": fmt_float(s["rate"], 2), "mode": s["mode"],
+               "level": s["level"], "rate": fmt_float(s["rate"], 2), "mode": s["mode"], "seed": _seed(run),
                "#params": fmt_count(run.summary.get("params")),
                "error (%)": fmt_float(run.summary.get("test_error"))}
         for pos in POSITIONS:
@@ -107,6 +187,10 @@ def variance_shift_figure(runs: list[Run], path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     runs = [r for r in runs if r.metrics.get("epoch") and r.metrics.get("ratio_var_first")]
+    first_seed: dict[tuple, Run] = {}
+    for r in sorted(runs, key=_seed):  # one line per setting: its lowest seed
+        first_seed.setdefault(setting_key(r), r)
+    runs = [r for r in runs if first_seed[setting_key(r)] is r]
     if not runs:
         return None
     block_types = sorted({setting(r)["block_type"] for r in runs})
@@ -138,20 +222,51 @@ def variance_shift_figure(runs: list[Run], path: Path) -> Path | None:
 
 def shift_summary(runs: list[Run]) -> str:
     """One line per block type: the last epoch's variance ratio, averaged over the three tracked
-    layers, for each level and rate (the no-dropout run is the reference)."""
+    layers (and over the seeds), for each level and rate (the no-dropout run is the reference)."""
     lines = []
+    stats = seed_stats(runs)
     for bt in sorted({setting(r)["block_type"] for r in runs}):
         parts = []
-        for run in runs:
-            s = setting(run)
-            vals = [_final(run, f"ratio_var_{pos}") for pos in POSITIONS]
-            if s["block_type"] != bt or any(v is None for v in vals):
+        for key in sorted(k for k in stats if k[2] == bt):
+            st = stats[key]
+            if st["var_ratio"] is None:
                 continue
-            label = s["level"] + (f" {s['rate']:g}" if s["level"] != "none" else "")
-            parts.append(f"{label} {sum(vals) / len(vals):.3f}")
+            level, rate = key[4], key[5]
+            label = level + (f" {rate:g}" if level != "none" else "")
+            parts.append(f"{label} {st['var_ratio']:.3f}")
         if parts:
             lines.append(f"- block type {bt}: " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def figure_name(group: str) -> str:
+    return FIGURE if group == "dropout" else f"dropout-variance-shift-{group.replace('/', '-')}.png"
+
+
+def render_group(group: str, runs: list[Run], img_dir: Path) -> list[str]:
+    parts = [f"### {group}", "", group_caption(runs), "", markdown_table(error_pivot(runs)), ""]
+    lines = verdicts(runs)
+    if lines:
+        parts += ["Does dropout help? Per level its best rate (the one repeated over seeds, else the lowest "
+                  "error) against no dropout; a gain counts when it "
+                  "exceeds the seed-to-seed spread (std of the baseline + std of the setting, each over its "
+                  "seeds); variance ratio: last epoch, mean of the three tracked layers (and the seeds).", ""]
+        parts += lines + [""]
+    parts += [
+        "Per run, with the variance shift at the last epoch (eval/train ratio of the input variance "
+        "of the first, middle and last norm layer that follows a dropout layer; 1 = no shift):",
+        "",
+        markdown_table(run_table(runs)),
+        "",
+    ]
+    summary = shift_summary(runs)
+    if summary:
+        parts += ["Variance ratio at the last epoch, mean of the three tracked layers:", "", summary, ""]
+    name = figure_name(group)
+    fig = variance_shift_figure(runs, img_dir / name)
+    if fig is not None:
+        parts += [f"![variance shift, {group}](img/{name})", ""]
+    return parts
 
 
 @register_section("Structural dropout", order=60)
@@ -163,22 +278,12 @@ def dropout_section(log_root: Path, img_dir: Path) -> str | None:
         "Drop-neuron, drop-channel, drop-path and drop-layer (Cai et al. 2019) in networks built from "
         "the customizable conv block (block type 0: norm-relu-drop-conv, 2: drop-conv-norm-relu). "
         "Error: test error (%) of the best-validation checkpoint; level `none` is the same network "
-        "with rate 0.",
-        "",
-        group_caption(runs),
-        "",
-        markdown_table(error_pivot(runs)),
-        "",
-        "Per run, with the variance shift at the last epoch (eval/train ratio of the input variance "
-        "of the first, middle and last norm layer that follows a dropout layer; 1 = no shift):",
-        "",
-        markdown_table(run_table(runs)),
+        "with rate 0. One subsection per group (each its own data size and length).",
         "",
     ]
-    summary = shift_summary(runs)
-    if summary:
-        parts += ["Variance ratio at the last epoch, mean of the three tracked layers:", "", summary, ""]
-    fig = variance_shift_figure(runs, img_dir / FIGURE)
-    if fig is not None:
-        parts += [f"![variance shift](img/{FIGURE})", ""]
+    by_group: dict[str, list[Run]] = {}
+    for run in runs:
+        by_group.setdefault(run.group, []).append(run)
+    for group in sorted(by_group):
+        parts += render_group(group, by_group[group], img_dir)
     return "\n".join(parts)
