@@ -51,9 +51,10 @@ bench: $(STAMP)
 # [tool.cifarlab.mutate], each against its own tests; not part of `make test`. One core by
 # default (MAX_CHILDREN=1); MODULES="dropout/layers.py optim/slbi.py" picks some. Scores:
 # build/mutate/summary.md; surviving mutants: build/mutate/<module>/survivors.txt. Long: README.
+# After adding tests for survivors: make mutate MODULES=... MUTATE_ARGS=--retest-survivors
 MAX_CHILDREN ?= 1
 mutate: $(STAMP)
-	$(PY) scripts/mutate.py --max-children $(MAX_CHILDREN) $(MODULES)
+	$(PY) scripts/mutate.py --max-children $(MAX_CHILDREN) $(MUTATE_ARGS) $(MODULES)
 
 # gpu-check: the CUDA paths on a machine with one GPU and no network, < 8 min (scripts/gpu_check.py):
 # CUDA tests, resnet18 eager vs --compile, bench, host syncs, SLBI fused vs eager, kill-and-resume,

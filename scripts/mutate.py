@@ -15,6 +15,7 @@ that pin it) and ``skip`` (functions or classes not mutated: benches, plotting).
     python scripts/mutate.py                      # every configured module
     python scripts/mutate.py dropout/layers.py    # one (or several); run again after adding tests
     python scripts/mutate.py --list
+    python scripts/mutate.py --retest-survivors optim/slbi.py   # after adding tests for its survivors
 
 mutmut forks one worker per mutant (``--max-children``, default 1: one core); pin the whole run
 with ``taskset -c N`` on a shared machine. Writes build/mutate/summary.md (score and time per
@@ -152,8 +153,29 @@ def show(work: Path, name: str) -> str:
     return out.stdout.strip()
 
 
-def run_module(module: str, tests: list[str], skip: list[str], shared: dict, max_children: int) -> dict:
+def forget_survivors(work: Path, module: str) -> int:
+    """Clear the recorded result of every surviving mutant, so that the next ``mutmut run`` tests
+    them again (mutmut re-tests a function only when its code changed, not when the tests did:
+    after adding tests for survivors, this is how they get their second chance)."""
+    meta = work / "mutants" / "src" / "cifarlab" / (module + ".meta")
+    if not meta.is_file():
+        return 0
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    survivors = [k for k, v in codes.items() if v in SURVIVED]
+    for k in survivors:
+        codes[k] = None
+    tmp = meta.with_suffix(".meta.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(meta)
+    return len(survivors)
+
+
+def run_module(module: str, tests: list[str], skip: list[str], shared: dict, max_children: int,
+               retest_survivors: bool = False) -> dict:
     work = stage(module, tests, skip, shared)
+    if retest_survivors:
+        print(f"{module}: {forget_survivors(work, module)} survivors to test again")
     t0 = time.time()
     with open(work / "mutmut.log", "w") as log:  # mutmut re-tests what changed since its last run
         rc = mutmut(work, ["run", "--max-children", str(max_children)], log)
@@ -201,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("modules", nargs="*", help="modules under code/cifarlab (default: all configured)")
     p.add_argument("--max-children", type=int, default=1)
     p.add_argument("--list", action="store_true", help="print the configured modules and their tests")
+    p.add_argument("--retest-survivors", action="store_true",
+                   help="test the surviving mutants of the last run again (after adding tests)")
     args = p.parse_args(argv)
     if args.list:
         for m, v in modules.items():
@@ -212,8 +236,9 @@ def main(argv=None) -> int:
         print(f"error: not configured in [tool.cifarlab.mutate]: {', '.join(unknown)}; "
               f"choose from: {', '.join(modules)}", file=sys.stderr)
         return 2
-    rows = [run_module(m, modules[m]["tests"], modules[m]["skip"], shared, args.max_children) for m in chosen]
-    print(f"summary: {write_summary(rows)}")
+    for m in chosen:  # the summary after each module: a long run stopped half-way keeps what it measured
+        row = run_module(m, modules[m]["tests"], modules[m]["skip"], shared, args.max_children, args.retest_survivors)
+        print(f"summary: {write_summary([row])}")
     return 0
 
 

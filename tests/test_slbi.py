@@ -136,6 +136,64 @@ def test_slbi_adam_first_step_moves_by_sign():
     close(opt.state[w]["z"], [[0.01, -0.02]])
 
 
+def test_slbi_adam_plain_parameters_step_exactly_as_torch_adam_with_lr_times_kappa():
+    """A parameter without penalty takes W <- W - a*kappa*d with Adam's d: torch.optim.Adam at lr
+    a*kappa is the reference (betas, eps and weight decay all away from their defaults, 4 steps)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4, dtype=torch.float64)
+    grads = [torch.randn(3, 4, dtype=torch.float64) for _ in range(4)]
+    w, ref = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opt = SLBIAdam([w], lr=0.05, kappa=2.0, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, penalty=None)
+    adam = torch.optim.Adam([ref], lr=0.1, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1)
+    for g in grads:
+        w.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        adam.step()
+        assert torch.allclose(w, ref, atol=1e-12, rtol=0)
+    assert "z" not in opt.state[w]
+
+
+def test_slbi_adam_sparse_parameters_follow_the_slbi_equations_with_the_adam_direction():
+    """Hand-written reference over 3 steps: d = m_hat/(sqrt(v_hat)+eps) of g + wd*W, then
+    W <- W - a k d - (a k/mu)(W - Gamma), z <- z + (a/mu)(W - Gamma), Gamma <- k soft(z, lam)."""
+    torch.manual_seed(1)
+    a, k, mu, lam, b1, b2, eps, wd = 0.3, 2.0, 5.0, 0.05, 0.8, 0.95, 1e-3, 0.1
+    w0 = torch.randn(2, 3, dtype=torch.float64)
+    grads = [torch.randn(2, 3, dtype=torch.float64) for _ in range(3)]
+    w = nn.Parameter(w0.clone())
+    opt = SLBIAdam([w], lr=a, kappa=k, mu=mu, lam=lam, betas=(b1, b2), eps=eps, weight_decay=wd,
+                   penalty="elementwise")
+    W, z, gam = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    m, v = torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, start=1):
+        w.grad = g.clone()
+        opt.step()
+        gg = g + wd * W
+        m, v = b1 * m + (1 - b1) * gg, b2 * v + (1 - b2) * gg * gg
+        d = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        W, z = W - a * k * d - (a * k / mu) * (W - gam), z + (a / mu) * (W - gam)
+        gam = k * torch.sign(z) * (z.abs() - lam).clamp_min(0)
+        assert torch.allclose(w, W, atol=1e-12, rtol=0), t
+        assert torch.allclose(opt.state[w]["z"], z, atol=1e-12, rtol=0)
+        assert torch.allclose(opt.state[w]["gamma"], gam, atol=1e-12, rtol=0)
+    assert (gam == 0).any() and (gam != 0).any()  # lam 0.05 thresholds some entries, not all
+
+
+def test_slbi_adam_defaults_and_argument_checks():
+    w = nn.Parameter(torch.zeros(2, 2))
+    group = SLBIAdam([w]).param_groups[0]
+    assert (group["lr"], group["kappa"], group["mu"], group["lam"], group["betas"], group["eps"]) == \
+        (1e-3, 1.0, 100.0, 1.0, (0.9, 0.999), 1e-8)
+    assert group["momentum"] == 0.0 and group["weight_decay"] == 0.0
+    SLBIAdam([w], betas=(0.0, 0.0))  # 0 is a valid beta (no averaging)
+    for betas in ((1.0, 0.9), (0.9, 1.0), (-0.1, 0.9), (0.9, -0.1)):
+        with pytest.raises(ConfigError, match="betas"):
+            SLBIAdam([w], betas=betas)
+    for eps in (0.0, -1e-8, float("nan")):
+        with pytest.raises(ConfigError, match="eps"):
+            SLBIAdam([w], eps=eps)
+
+
 def test_param_groups_and_overrides():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
     groups = slbi_param_groups(model, lam=0.5, fc_lam=0.1)

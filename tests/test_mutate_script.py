@@ -1,0 +1,36 @@
+"""scripts/mutate.py (``make mutate``): the bookkeeping around mutmut, not mutmut itself."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("mutate_script", ROOT / "scripts" / "mutate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_forget_survivors_clears_only_the_surviving_mutants(tmp_path):
+    m = load()
+    meta = tmp_path / "mutants" / "src" / "cifarlab" / "optim" / "slbi.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"a__mutmut_1": 0, "a__mutmut_2": 1, "a__mutmut_3": 0, "a__mutmut_4": 33, "a__mutmut_5": None}
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": {"a__mutmut_1": 0.5}}))
+    assert m.forget_survivors(tmp_path, "optim/slbi.py") == 2
+    data = json.loads(meta.read_text())
+    assert data["exit_code_by_key"] == {"a__mutmut_1": None, "a__mutmut_2": 1, "a__mutmut_3": None,
+                                        "a__mutmut_4": 33, "a__mutmut_5": None}
+    assert data["durations_by_key"] == {"a__mutmut_1": 0.5}  # the rest of mutmut's record is kept
+    assert m.forget_survivors(tmp_path, "optim/other.py") == 0  # never run: nothing to forget
+
+
+def test_unknown_module_is_one_clear_error(capsys):
+    m = load()
+    assert m.main(["no/such.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: not configured") and "optim/slbi.py" in err
