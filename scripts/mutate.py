@@ -10,7 +10,9 @@ mutmut does there (``mutmut apply`` included) can touch the real tree.
 
 Configuration, in pyproject.toml: ``[tool.mutmut]`` holds the options every module shares;
 ``[tool.cifarlab.mutate]`` maps each module (under code/cifarlab) to ``tests`` (the test files
-that pin it) and ``skip`` (functions or classes not mutated: benches, plotting).
+that pin it) and ``skip`` (functions or classes not mutated: benches, plotting) or ``only`` (the
+functions and methods to mutate, every other one skipped: for a large module of which only a part
+is the science, e.g. the trainer's best-checkpoint selection and resume).
 
     python scripts/mutate.py                      # every configured module
     python scripts/mutate.py dropout/layers.py    # one (or several); run again after adding tests
@@ -52,7 +54,28 @@ def load_config() -> tuple[dict, dict[str, dict]]:
     modules = data.get("tool", {}).get("cifarlab", {}).get("mutate", {})
     if not modules:
         sys.exit("error: no [tool.cifarlab.mutate] table in pyproject.toml")
-    return shared, {m: {"tests": list(v["tests"]), "skip": list(v.get("skip", []))} for m, v in modules.items()}
+    out = {}
+    for m, v in modules.items():
+        skip = list(v.get("skip", []))
+        if v.get("only"):
+            skip += [n for n in definitions(ROOT / "code" / "cifarlab" / m) if n not in set(v["only"])]
+            unknown = set(v["only"]) - set(definitions(ROOT / "code" / "cifarlab" / m))
+            if unknown:
+                sys.exit(f"error: only names not defined in {m}: {', '.join(sorted(unknown))}")
+        out[m] = {"tests": list(v["tests"]), "skip": skip}
+    return shared, out
+
+
+def definitions(path: Path) -> list[str]:
+    """The functions mutmut mutates one by one: module-level functions and methods of module-level
+    classes, in file order."""
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names += [n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return names
 
 
 def slug(module: str) -> str:

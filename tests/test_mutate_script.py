@@ -34,3 +34,19 @@ def test_unknown_module_is_one_clear_error(capsys):
     assert m.main(["no/such.py"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: not configured") and "optim/slbi.py" in err
+
+
+def test_definitions_are_the_functions_and_methods_mutmut_mutates_one_by_one(tmp_path):
+    m = load()
+    src = tmp_path / "mod.py"
+    src.write_text("X = 1\n\n\ndef a():\n    def inner():\n        pass\n\n\nclass K:\n    y = 2\n\n"
+                   "    def b(self):\n        pass\n\n    async def c(self):\n        pass\n\n\nasync def d():\n    pass\n")
+    assert m.definitions(src) == ["a", "b", "c", "d"]  # not the nested one, not the class itself
+
+
+def test_trainer_config_mutates_only_selection_and_resume():
+    m = load()
+    _, modules = m.load_config()
+    skip = set(modules["train/trainer.py"]["skip"])
+    kept = set(m.definitions(ROOT / "code" / "cifarlab" / "train" / "trainer.py")) - skip
+    assert kept == {"best_payload", "_checkpoint_payload", "_load_last", "_fit", "_finish", "_step_scheduler"}
