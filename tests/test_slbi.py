@@ -190,7 +190,7 @@ def test_slbi_adam_defaults_and_argument_checks():
         with pytest.raises(ConfigError, match="betas"):
             SLBIAdam([w], betas=betas)
     for eps in (0.0, -1e-8, float("nan")):
-        with pytest.raises(ConfigError, match="eps"):
+        with pytest.raises(ConfigError, match="SLBI eps must be positive"):
             SLBIAdam([w], eps=eps)
 
 
@@ -205,15 +205,45 @@ def test_param_groups_and_overrides():
     assert set(opt.state) == {model[0].weight, model[3].weight}
     only = slbi_param_groups(model, layers=["3"])
     assert [g["penalty"] for g in only] == ["elementwise", None]
-    with pytest.raises(ConfigError, match="not in the model"):
-        slbi_param_groups(model, layers=["nope"])
+    with pytest.raises(ConfigError, match="slbi layers not in the model: nope, other"):
+        slbi_param_groups(model, layers=["other", "nope", "3"])
+    # a frozen parameter is left out, and the module's other parameters still come in
+    model[3].weight.requires_grad_(False)
+    groups = {g["penalty"]: g["params"] for g in slbi_param_groups(model)}
+    assert any(p is model[3].bias for p in groups[None])
+    assert all(model[3].weight is not p for ps in groups.values() for p in ps)
+    assert groups.get("elementwise", []) == []  # its only linear weight is frozen
 
 
-@pytest.mark.parametrize("kwargs", [dict(mu=0.0), dict(lr=-1.0), dict(momentum=1.0), dict(lam=-0.1),
-                                    dict(penalty="l1")])
-def test_bad_hyperparameters_raise_config_error(kwargs):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=0.0), "SLBI lr must be positive"), (dict(lr=-1.0), "SLBI lr must be positive"),
+    (dict(kappa=0.0), "SLBI kappa must be positive"), (dict(mu=0.0), "SLBI mu must be positive"),
+    (dict(lam=-0.1), "SLBI lam must be non-negative"), (dict(lr=float("nan")), "SLBI lr must be positive"),
+    (dict(weight_decay=-1e-4), "SLBI weight_decay must be non-negative"),
+    (dict(momentum=1.0), "momentum must be in"), (dict(momentum=-0.1), "momentum must be in"),
+    (dict(penalty="l1"), "penalty must be"), (dict(compiled="yes"), "compiled must be True, False or 'auto'")])
+def test_bad_hyperparameters_raise_config_error_naming_the_argument(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
         SLBI([nn.Parameter(torch.zeros(2, 2))], **{"lr": 0.1, **kwargs})
+
+
+def test_a_group_lambda_is_checked_too_and_zero_is_valid():
+    w = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ConfigError, match="SLBI lam must be non-negative"):
+        SLBI([{"params": [w], "lam": -1.0}], lr=0.1)
+    SLBI([w], lr=0.1, lam=0.0, weight_decay=0.0, momentum=0.0)  # the boundaries are allowed
+
+
+def test_group_penalty_on_a_matrix_thresholds_whole_rows():
+    """A 2-D weight under the group penalty: one group per row (output unit). One step from
+    W = [[3, 4], [0.3, 0.4]] with momentum 0, no gradient: z = (a/mu) W = [[0.3, 0.4], [0.03, 0.04]],
+    row norms 0.5 and 0.05; lam 0.1 keeps row 0 scaled by 1 - 0.1/0.5 = 0.8 and zeroes row 1."""
+    w = nn.Parameter(T([[3.0, 4.0], [0.3, 0.4]]))
+    opt = SLBI([{"params": [w], "penalty": "group"}], lr=1.0, kappa=1.0, mu=10.0, lam=0.1, momentum=0.0)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    close(opt.state[w]["z"], [[0.3, 0.4], [0.03, 0.04]])
+    close(opt.state[w]["gamma"], [[0.24, 0.32], [0.0, 0.0]])
 
 
 # -- resume and the compiled step -----------------------------------------------------------------
@@ -285,6 +315,32 @@ def test_compiled_step_matches_eager():
     # both proximal maps were active, so Gamma's agreement means something
     for layer in (nets[0][0], nets[0][4]):
         assert bool((opts[0].state[layer.weight]["gamma"] != 0).any())
+
+
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler for inductor")
+def test_compiled_step_follows_a_changing_lr_in_float64_with_penalty_auto():
+    """What a scheduled run does: the lr changes between steps (the fused step's hyper-parameter
+    tensor must be rebuilt, not served stale from its cache), parameters in float64 (the
+    hyper-parameters in the parameters' dtype), one group with penalty "auto" (resolved per
+    parameter inside the fused step). compiled=True never falls back to the eager step."""
+    batches = _batches(4)
+    nets, opts = [], []
+    for compiled in (False, True):
+        net = _tiny_net().double()
+        opt = SLBI(net.parameters(), lr=0.2, kappa=2.0, mu=5.0, lam=0.01, weight_decay=0.05, compiled=compiled)
+        for i, (x, y) in enumerate(batches):
+            opt.param_groups[0]["lr"] = 0.2 / (1 + i)  # 0.2, 0.1, 0.0667, 0.05
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x.double()), y).backward()
+            opt.step()
+        nets.append(net)
+        opts.append(opt)
+    assert opts[1].compiled is True
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(q, p, atol=1e-12, rtol=1e-10)
+        for key, value in opts[0].state[p].items():
+            torch.testing.assert_close(opts[1].state[q][key], value, atol=1e-12, rtol=1e-10, msg=key)
 
 
 def test_step_ratio_reports_both_timings():
