@@ -293,6 +293,74 @@ def test_gradient_at_uses_train_mode_even_on_a_model_in_eval_mode():
     assert not model.training and not model.bn.training  # its own mode comes back
 
 
+def test_gradient_at_a_shift_is_the_gradient_of_a_shifted_copy_and_defaults_to_no_shift():
+    """gradient_at(shift=s, eta) = (L, grad L) at w - eta*s, for the parameters in s only; an
+    unused parameter gets a zero gradient; without eta the point is w itself."""
+    torch.manual_seed(0)
+    model = Tiny()
+    model.unused = nn.Parameter(torch.ones(3))  # in the shift, never in the forward
+    x, y = tiny_batch()
+    shift = {"conv.weight": torch.randn_like(model.conv.weight), "fc.bias": torch.randn_like(model.fc.bias),
+             "unused": torch.ones(3)}
+    eta = 0.3
+    loss, g = gradient_at(model, F.cross_entropy, x, y, shift=shift, eta=eta)
+    ref = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for n, s in shift.items():
+            ref.get_parameter(n).sub_(eta * s)
+    ref.zero_grad()
+    ref_loss = F.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    assert set(g) == set(shift)  # only the shifted parameters
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-7)
+    for n in ("conv.weight", "fc.bias"):
+        torch.testing.assert_close(g[n], ref.get_parameter(n).grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(g["unused"], torch.zeros(3))
+    # no eta: the gradient at w (a shift alone does not move the point)
+    loss0, g0 = gradient_at(model, F.cross_entropy, x, y, shift=shift)
+    here = copy.deepcopy(model).train()
+    here.zero_grad()
+    F.cross_entropy(here(x), y).backward()
+    torch.testing.assert_close(g0["conv.weight"], here.conv.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_global_norm_of_low_precision_gradients_is_taken_in_float32():
+    """bf16 and fp16 tensors are widened to float32 before the norm: a sum of 1,000 squares in
+    bf16 would keep ~3 significant digits; the result equals the float32 norm."""
+    from cifarlab.batchnorm.probes import global_norm
+
+    t = torch.full((1000,), 3.0, dtype=torch.bfloat16)
+    u = torch.tensor([4.0], dtype=torch.float16)
+    got = global_norm([t, u])
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(math.sqrt(1000 * 9.0 + 16.0), rel=1e-6)
+    with pytest.raises(ConfigError, match="no gradients to probe: does the model have trainable parameters"):
+        global_norm([])
+
+
+def test_probe_argument_errors_say_what_is_wrong():
+    model, x, y = quadratic_model()
+    with_grad(model, mse0, x, y)
+    with pytest.raises(ConfigError, match="^probe step sizes must not be empty$"):
+        probe_along_gradient(model, mse0, x, y, [], rel_etas=[])
+    with pytest.raises(ConfigError, match="^relative probe step sizes must be positive"):
+        probe_along_gradient(model, mse0, x, y, [0.1], rel_etas=[-1.0], step_length=1.0)
+    with pytest.raises(ConfigError, match="^relative probe step sizes need the gradient step's length"):
+        probe_along_gradient(model, mse0, x, y, [], rel_etas=[0.1])
+    with pytest.raises(ConfigError, match=r"^base_grad lacks parameters \['weight'\]$"):
+        probe_along_gradient(model, mse0, x, y, [0.1], base_grad={})
+    # relative etas alone are a valid probe (no absolute ones), and so are absolute ones alone
+    r = probe_along_gradient(model, mse0, x, y, [], rel_etas=[0.1], step_length=1.0)
+    assert r["eta"].shape == (1,) and bool(r["relative"][0])
+    assert probe_along_gradient(model, mse0, x, y, [0.1])["eta"].shape == (1,)
+    # an explicit direction is used instead of .grad
+    g = {"weight": torch.ones_like(model.weight)}
+    r = probe_along_gradient(model, mse0, x, y, [0.5], grad=g)
+    assert r["grad_norm"].item() == pytest.approx(math.sqrt(2.0))
+    with pytest.raises(ConfigError, match="^no gradients to probe: call backward"):
+        probe_along_gradient(model, mse0, x, y, [0.1], grad={})
+
+
 def test_probes_run_in_fp32_even_under_bf16_autocast():
     torch.manual_seed(0)
     model = Tiny()
