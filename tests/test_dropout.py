@@ -504,7 +504,7 @@ def test_report_section_tables_and_figure(tmp_path):
     assert f"img/{FIGURE}" in md and (img / FIGURE).is_file()
     first = (img / FIGURE).read_bytes()
     assert dropout_section(log, img) == md and (img / FIGURE).read_bytes() == first  # deterministic
-    assert "one seed: spread not measured" in md  # no verdict from a single seed
+    assert "gain +1.25 points, one seed: spread not measured" in md  # no verdict from a single seed
 
 
 def test_report_section_aggregates_seeds_and_judges_the_gain_against_their_spread(tmp_path):

@@ -5,9 +5,10 @@ set, or ``model`` one of the ``*_drop`` names); grid/dropout.txt and grid/dropou
 them in log/dropout*/. Each group is its own study (its own data size and length), rendered as:
   * the test error per level and rate for each block type; where a setting ran with several
     seeds, mean +- sample standard deviation (n);
-  * the verdict per block type: for each level its best rate (lowest mean error) against the
-    no-dropout baseline, and whether the gain exceeds the seed-to-seed spread (gain > std of the
-    baseline + std of the setting, both over >= 2 seeds), with the variance shift beside it;
+  * the verdict per block type: for each level its best setting (the one repeated over the most
+    seeds, then the lowest mean error) against the no-dropout baseline, and whether the gain
+    exceeds the seed-to-seed spread (gain > std of the baseline + std of the setting, both over
+    >= 2 seeds), with the variance shift beside it;
   * a per-run table with the final variance-shift ratios, and the variance-shift figure:
     eval/train ratio of the input variance of the first, middle and last norm layer after dropout,
     per epoch (one seed per setting).
@@ -139,7 +140,7 @@ def verdicts(runs: list[Run]) -> list[str]:
         base = [(k, st) for k, st in stats.items() if k[2] == bt and k[4] == "none"]
         if not base:
             continue
-        bk, bst = min(base, key=lambda t: t[1]["mean"])
+        _, bst = min(base, key=lambda t: (-t[1]["n"], t[1]["mean"]))
         shift = f", variance ratio {bst['var_ratio']:.3f}" if bst["var_ratio"] is not None else ""
         parts = [f"- block type {bt}: no dropout {fmt_mean_std(bst)}{shift}"]
         for level in LEVELS[1:]:
@@ -150,7 +151,7 @@ def verdicts(runs: list[Run]) -> list[str]:
             k, st = min(cands, key=lambda t: (-t[1]["n"], t[1]["mean"], t[0][5]))
             gain = bst["mean"] - st["mean"]
             if st["std"] is None or bst["std"] is None:
-                judged = "one seed: spread not measured"
+                judged = f"gain {gain:+.2f} points, one seed: spread not measured"
             elif gain > bst["std"] + st["std"]:
                 judged = f"**helps**: gain {gain:.2f} points > spread {bst['std'] + st['std']:.2f}"
             elif gain > 0:
