@@ -352,7 +352,13 @@ def test_probe_argument_errors_say_what_is_wrong():
     # relative etas alone are a valid probe (no absolute ones), and so are absolute ones alone
     r = probe_along_gradient(model, mse0, x, y, [], rel_etas=[0.1], step_length=1.0)
     assert r["eta"].shape == (1,) and bool(r["relative"][0])
-    assert probe_along_gradient(model, mse0, x, y, [0.1])["eta"].shape == (1,)
+    assert torch.isnan(r["beta"]) and torch.isfinite(r["beta_rel"])  # a kind that is absent is NaN
+    r = probe_along_gradient(model, mse0, x, y, [0.1])
+    assert r["eta"].shape == (1,) and torch.isnan(r["eta_rel"]).all() and torch.isnan(r["beta_rel"])
+    assert torch.isfinite(r["base_loss"])
+    # a base gradient passed in: no reference forward here, so no base loss
+    base = {"weight": model.weight.grad.clone()}
+    assert torch.isnan(probe_along_gradient(model, mse0, x, y, [0.1], base_grad=base)["base_loss"])
     # an explicit direction is used instead of .grad
     g = {"weight": torch.ones_like(model.weight)}
     r = probe_along_gradient(model, mse0, x, y, [0.5], grad=g)
