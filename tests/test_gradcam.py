@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -239,6 +240,19 @@ def test_cam_command_on_a_trained_run(finished_run, tmp_path, capsys):
     assert meta["layer"] == "conv1" and meta["methods"] == ["gradcam", "scorecam"]
     assert list(meta["road_combined"]) == ["gradcam", "scorecam"]
     assert "layer conv1" in capsys.readouterr().out  # lenet5: conv2 is last, conv1 before it
+
+
+def test_run_cam_defaults_are_the_documented_ones(finished_run, tmp_path):
+    """run_cam(run_dir) alone: the last spatial layer, true-class targets, 8 images from seed 0,
+    the best checkpoint, ROAD scored; written next to the run unless out= is given."""
+    from cifarlab.interpret.gradcam import run_cam
+
+    _, out = run_cam(finished_run, methods=["gradcam"], out=tmp_path / "g.png")
+    meta = json.loads((tmp_path / "g.json").read_text())
+    assert {k: meta[k] for k in ("layer", "target", "n", "seed", "checkpoint")} == \
+        {"layer": "conv2", "target": "label", "n": 8, "seed": 0, "checkpoint": "best"}
+    assert list(meta["road_combined"]) == ["gradcam"] and math.isfinite(meta["road_combined"]["gradcam"])
+    assert out == tmp_path / "g.png" and out.is_file()
 
 
 def test_insight_command_on_a_trained_run(finished_run, tmp_path):
