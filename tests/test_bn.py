@@ -334,7 +334,7 @@ def test_global_norm_of_low_precision_gradients_is_taken_in_float32():
     got = global_norm([t, u])
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(math.sqrt(1000 * 9.0 + 16.0), rel=1e-6)
-    with pytest.raises(ConfigError, match="no gradients to probe: does the model have trainable parameters"):
+    with pytest.raises(ConfigError, match="^no gradients to probe: does the model have trainable parameters"):
         global_norm([])
 
 
@@ -351,7 +351,7 @@ def test_probe_argument_errors_say_what_is_wrong():
         probe_along_gradient(model, mse0, x, y, [0.1], base_grad={})
     # relative etas alone are a valid probe (no absolute ones), and so are absolute ones alone
     r = probe_along_gradient(model, mse0, x, y, [], rel_etas=[0.1], step_length=1.0)
-    assert r["eta"].shape == (1,) and bool(r["relative"][0])
+    assert r["eta"].shape == (1,) and r["relative"].dtype == torch.bool and bool(r["relative"][0])
     assert torch.isnan(r["beta"]) and torch.isfinite(r["beta_rel"])  # a kind that is absent is NaN
     r = probe_along_gradient(model, mse0, x, y, [0.1])
     assert r["eta"].shape == (1,) and torch.isnan(r["eta_rel"]).all() and torch.isnan(r["beta_rel"])
@@ -365,6 +365,20 @@ def test_probe_argument_errors_say_what_is_wrong():
     assert r["grad_norm"].item() == pytest.approx(math.sqrt(2.0))
     with pytest.raises(ConfigError, match="^no gradients to probe: call backward"):
         probe_along_gradient(model, mse0, x, y, [0.1], grad={})
+
+
+def test_check_etas_wants_positive_finite_numbers():
+    from cifarlab.batchnorm.probes import check_etas
+
+    assert check_etas((0.2, 1)) == [0.2, 1.0]
+    assert check_etas([], allow_empty=True) == []
+    with pytest.raises(ConfigError, match="^probe step sizes must not be empty$"):
+        check_etas([])
+    with pytest.raises(ConfigError, match="^probe step sizes must be numbers"):
+        check_etas(["a"])
+    for bad in (0.0, -0.1, float("inf")):
+        with pytest.raises(ConfigError, match="^relative probe step sizes must be positive and finite"):
+            check_etas([0.1, bad], what="relative probe step sizes")
 
 
 def test_probes_run_in_fp32_even_under_bf16_autocast():
