@@ -528,7 +528,13 @@ def test_report_section_aggregates_seeds_and_judges_the_gain_against_their_sprea
     for seed, err in enumerate((14.0, 15.0)):
         _fake_run(log, f"b0-path-0.1-s{seed}", 0, "path", 0.1, err, r, seed=seed, group="dropout-fashion")
     _fake_run(log, "b0-none", 0, "neuron", 0.0, 30.0, r)  # another group: its own study
+    # a *_drop network trained at rate 0 for a course table (no --net-type, no ratios) is no study
+    course = log / "cpu-fashion" / "preresnet20"
+    course.mkdir(parents=True)
+    (course / "config.yaml").write_text("model: preresnet_drop\nnet_type: null\ndrop_rate: 0.0\nreport_ratio: false\n")
+    (course / "summary.json").write_text('{"model": "preresnet_drop", "test_error": 7.0, "finished": true}')
     md = dropout_section(log, img)
+    assert "### cpu-fashion" not in md
     own = md[md.index("### dropout-fashion"):]
     assert md.index("### dropout\n") < md.index("### dropout-fashion")
     assert "| none | 0.00 | — | 13.00 ± 1.00 (n=3) |" in own

@@ -1,7 +1,7 @@
 """Structural dropout (Cai et al. 2019; issue 7) in the report.
 
-A dropout run is any run directory whose config.yaml builds a dropout network (``net_type``
-set, or ``model`` one of the ``*_drop`` names); grid/dropout.txt and grid/dropout-fashion.txt put
+A dropout run is any run directory whose config.yaml builds a dropout study's network
+(``net_type`` set, ``report_ratio`` on, or a ``*_drop`` model with a rate above 0); grid/dropout.txt and grid/dropout-fashion.txt put
 them in log/dropout*/. Each group is its own study (its own data size and length), rendered as:
   * the test error per level and rate for each block type; where a setting ran with several
     seeds, mean +- sample standard deviation (n);
@@ -31,8 +31,13 @@ FIGURE = "dropout-variance-shift.png"  # of the group "dropout"; other groups: d
 
 
 def is_dropout_run(run: Run) -> bool:
+    """A run of a dropout study: built with --net-type, tracking the variance shift, or a
+    ``*_drop`` network with a dropout rate. A ``*_drop`` network trained at rate 0 for its own
+    sake (the course table's pre-activation ResNet) is not one."""
     cfg = run.config
-    return bool(cfg.get("net_type")) or str(cfg.get("model", "")).endswith("_drop")
+    if cfg.get("net_type") or cfg.get("report_ratio"):
+        return True
+    return str(cfg.get("model", "")).endswith("_drop") and float(cfg.get("drop_rate") or 0.0) > 0.0
 
 
 def setting(run: Run) -> dict:
