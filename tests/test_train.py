@@ -204,6 +204,56 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, kill):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL inside one process: nothing after the raise runs."""
+
+
+class _KillAtEpochStart(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise _Killed
+
+
+def test_in_process_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    # The SIGKILL tests above run the CLI in a child process, which mutation testing cannot trace;
+    # this one resumes in-process: a dropout network (masks from the global RNG), momentum and a
+    # cosine schedule, so the epoch counter, optimizer, scheduler, RNG and the best-epoch
+    # bookkeeping must all come back from last.pt for the run to match, weight for weight.
+    # Validation is scripted to peak at epoch 2, before the interruption, and never again.
+    script_evaluation(monkeypatch, _Snapshots(), val=[0.50, 0.90, 0.60, 0.70])
+    kw = dict(model="preresnet_drop", depth=11, arg1=0.25, drop_type="neuron", drop_rate=0.3,
+              dataset="synthetic:3x16x16", epochs=4, scheduler="cosine")
+    ref = Trainer(tiny_config(tmp_path / "a", **kw)).fit()
+    assert ref["best_epoch"] == 2
+    cfg = tiny_config(tmp_path / "b", **kw)
+    with pytest.raises(_Killed):
+        Trainer(cfg, callbacks=[_KillAtEpochStart(3)]).fit()
+    run = tmp_path / "b/run"
+    last = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    assert last["epoch"] == 2 and not (run / "summary.json").exists()
+    best_before = tree_digest(run / "checkpoints")["best.pt"]
+    last["wall_time_s"] = 1000.0  # as if the first part had run for 1,000 s: the total must include it
+    torch.save(last, run / "checkpoints/last.pt")
+    torch.manual_seed(12345)  # whatever ran in between, the resumed run must not see it
+    resumed = Trainer(tiny_config(tmp_path / "b", resume=True, **kw)).fit()
+    a = pd.read_csv(tmp_path / "a/run/metrics.csv")[SCORE_COLUMNS]
+    b = pd.read_csv(run / "metrics.csv")[SCORE_COLUMNS]
+    assert b["epoch"].tolist() == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    for key in ("test_acc", "test_loss", "best_epoch", "best_val_acc", "epochs_completed"):
+        assert ref[key] == resumed[key], key
+    assert tree_digest(run / "checkpoints")["best.pt"] == best_before  # epoch 2 stays the best
+    assert 1000.0 < resumed["wall_time_s"] < 1000.0 + 600
+    wa = torch.load(tmp_path / "a/run/checkpoints/last.pt", weights_only=True)
+    wb = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert wa["global_step"] == wb["global_step"] and wa["scheduler"] == wb["scheduler"]
+    assert sum(line.startswith("epoch") for line in (run / "log.txt").read_text().splitlines()) == 4
+
+
 def test_non_finite_loss_stops_cleanly_as_diverged(tmp_path):
     summary = Trainer(tiny_config(tmp_path, lr=1e12, optimizer="sgd", epochs=5, scheduler="none")).fit()
     on_disk = json.loads((tmp_path / "run/summary.json").read_text())
