@@ -163,9 +163,11 @@ def test_data_root_env_overrides_only_the_default(monkeypatch, tmp_path):
     assert resolve_data_root("elsewhere") == Path("elsewhere")
     monkeypatch.delenv("CIFARLAB_DATA")
     monkeypatch.delenv("CIFARLAB_ROOT", raising=False)
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo / "notebooks")  # where Jupyter starts a kernel: the default is still <root>/data
-    assert resolve_data_root("data") == repo / "data" and resolve_data_root(None) == repo / "data"
+    root = tmp_path / "project"  # a checkout: grid/ and log/ mark its root
+    for sub in ("grid", "log", "notebooks"):
+        (root / sub).mkdir(parents=True)
+    monkeypatch.chdir(root / "notebooks")  # where Jupyter starts a kernel: the default is still <root>/data
+    assert resolve_data_root("data") == root / "data" and resolve_data_root(None) == root / "data"
 
 
 def test_dataset_facts():
