@@ -128,3 +128,19 @@ def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):
     atomic_write_text(f, "two")
     assert f.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "slbi", "slbi_adam"])
+def test_best_checkpoint_keeps_optimizer_state_only_for_slbi(optimizer):
+    # best.pt drops optimizer and scheduler state (only resuming needs them, last.pt has them),
+    # except for SLBI, whose Gamma lives in the optimizer state and pruning needs it
+    from cifarlab.train.trainer import best_payload
+
+    payload = {"model": {"w": 1}, "optimizer": {"state": {0: "gamma"}}, "scheduler": {"last_epoch": 3},
+               "epoch": 7}
+    kept = best_payload(payload, make_config({"optimizer": optimizer}))
+    if optimizer.startswith("slbi"):
+        assert kept == payload
+    else:
+        assert kept == {"model": {"w": 1}, "optimizer": None, "scheduler": None, "epoch": 7}
+    assert payload["optimizer"] == {"state": {0: "gamma"}}  # the caller's payload (last.pt) is untouched

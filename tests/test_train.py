@@ -208,6 +208,23 @@ class _Killed(BaseException):
     """Stands in for SIGKILL inside one process: nothing after the raise runs."""
 
 
+class _CountEpochs(Callback):
+    """A callback with state: how many epochs it has seen, carried through last.pt."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_epoch_end(self, trainer, epoch, row):
+        self.seen += 1
+        row["epochs_seen"] = self.seen
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
 class _KillAtEpochStart(Callback):
     def __init__(self, epoch):
         self.epoch = epoch
@@ -226,11 +243,11 @@ def test_in_process_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path,
     script_evaluation(monkeypatch, _Snapshots(), val=[0.50, 0.90, 0.60, 0.70])
     kw = dict(model="preresnet_drop", depth=11, arg1=0.25, drop_type="neuron", drop_rate=0.3,
               dataset="synthetic:3x16x16", epochs=4, scheduler="cosine")
-    ref = Trainer(tiny_config(tmp_path / "a", **kw)).fit()
+    ref = Trainer(tiny_config(tmp_path / "a", **kw), callbacks=[_CountEpochs()]).fit()
     assert ref["best_epoch"] == 2
     cfg = tiny_config(tmp_path / "b", **kw)
     with pytest.raises(_Killed):
-        Trainer(cfg, callbacks=[_KillAtEpochStart(3)]).fit()
+        Trainer(cfg, callbacks=[_CountEpochs(), _KillAtEpochStart(3)]).fit()
     run = tmp_path / "b/run"
     last = torch.load(run / "checkpoints/last.pt", weights_only=False)
     assert last["epoch"] == 2 and not (run / "summary.json").exists()
@@ -238,9 +255,11 @@ def test_in_process_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path,
     last["wall_time_s"] = 1000.0  # as if the first part had run for 1,000 s: the total must include it
     torch.save(last, run / "checkpoints/last.pt")
     torch.manual_seed(12345)  # whatever ran in between, the resumed run must not see it
-    resumed = Trainer(tiny_config(tmp_path / "b", resume=True, **kw)).fit()
-    a = pd.read_csv(tmp_path / "a/run/metrics.csv")[SCORE_COLUMNS]
-    b = pd.read_csv(run / "metrics.csv")[SCORE_COLUMNS]
+    counter = _CountEpochs()
+    resumed = Trainer(tiny_config(tmp_path / "b", resume=True, **kw), callbacks=[counter]).fit()
+    assert counter.seen == 4  # 2 restored from last.pt + 2 after the resume
+    a = pd.read_csv(tmp_path / "a/run/metrics.csv")[[*SCORE_COLUMNS, "epochs_seen"]]
+    b = pd.read_csv(run / "metrics.csv")[[*SCORE_COLUMNS, "epochs_seen"]]
     assert b["epoch"].tolist() == [1, 2, 3, 4]
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     for key in ("test_acc", "test_loss", "best_epoch", "best_val_acc", "epochs_completed"):
@@ -323,7 +342,7 @@ def test_resume_without_a_run(tmp_path, capsys):
     assert "no run to resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "other-model"])
 def test_damaged_checkpoint_on_resume(tmp_path, capsys, damage):
     run = tmp_path / "r"
     assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 0
@@ -334,12 +353,18 @@ def test_damaged_checkpoint_on_resume(tmp_path, capsys, damage):
         last.write_bytes(data[: len(data) // 3])
     elif damage == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(3)}}, last)
+    elif damage == "other-model":  # a last.pt copied in from another run: its weights would even load
+        ckpt = torch.load(last, weights_only=False)
+        ckpt["config"]["model"] = "resnet20"
+        torch.save(ckpt, last)
     before = tree_digest(run)
     capsys.readouterr()
     code = main(["train", *TINY, "--epochs", "2", "--run-dir", str(run), "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert ("truncated" in err) if damage == "truncated" else ("not a cifarlab checkpoint" in err)
+    expected = {"truncated": "truncated", "foreign": "not a cifarlab checkpoint",
+                "other-model": "was made for model 'resnet20', not 'lenet5'"}[damage]
+    assert expected in err, err
     assert tree_digest(run) == before
 
 
