@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -170,6 +171,30 @@ def test_test_set_is_scored_with_the_best_validation_checkpoint(tmp_path, monkey
     assert (summary["test_loss"], summary["test_acc"]) == pytest.approx(scores[1], abs=1e-9)
 
 
+@pytest.mark.parametrize("val, halved_from", [
+    # flat validation: epoch 1 sets the best, epochs 2 and 3 are bad (2 > patience 1), so the rate
+    # is halved after epoch 3 (training loss still falls, so a schedule on it would not halve)
+    ([0.5, 0.5, 0.5, 0.5], 4),
+    # tiny gains: validation *error* falls by 5e-4 relative each epoch, above the 1e-4 threshold,
+    # so it never halves (on 2 - acc, or 1 + acc, the gains would be too small or losses)
+    ([0.9, 0.90005, 0.9001, 0.90015], None),
+])
+def test_plateau_schedule_is_stepped_each_epoch_on_validation_error(tmp_path, monkeypatch, val, halved_from):
+    snaps = _Snapshots()
+    script_evaluation(monkeypatch, snaps, val)
+    Trainer(tiny_config(tmp_path, epochs=4, scheduler="plateau", plateau_patience=1, plateau_factor=0.5,
+                        train_subset=128, test_subset=32), callbacks=[snaps]).fit()
+    lrs = pd.read_csv(tmp_path / "run/metrics.csv")["lr"].tolist()
+    expected = [0.05 if halved_from is None or e < halved_from else 0.025 for e in range(1, 5)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_schedule_is_stepped_each_epoch(tmp_path):
+    Trainer(tiny_config(tmp_path, epochs=3, scheduler="cosine", train_subset=64, test_subset=32)).fit()
+    lrs = pd.read_csv(tmp_path / "run/metrics.csv")["lr"].tolist()
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)], rel=1e-9)
+
+
 @pytest.mark.parametrize("kill", ["after-epoch", "during-save"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, kill):
     args = [*RANDOM_TINY, "--epochs", "4", "--scheduler", "cosine"]
@@ -279,6 +304,119 @@ def test_non_finite_loss_stops_cleanly_as_diverged(tmp_path):
     assert on_disk["diverged"] is True and summary["diverged"] is True
     assert on_disk["epochs_completed"] < 5
     assert "diverged" in (tmp_path / "run/log.txt").read_text()
+
+
+def test_divergence_names_its_epoch_and_reports_no_best(tmp_path, monkeypatch):
+    # epoch 1 is finite, epoch 2 is not: the log names epoch 2; nothing ever improved on epoch 1
+    script_training(monkeypatch, losses=[1.0, float("nan"), 1.0], accs=[0.3, 0.3, 0.3])
+    snaps = _Snapshots()
+    script_evaluation(monkeypatch, snaps, val=[0.4, 0.5, 0.6])
+    summary = Trainer(tiny_config(tmp_path, epochs=3), callbacks=[snaps]).fit()
+    assert summary["diverged"] and summary["epochs_completed"] == 1 and summary["best_epoch"] == 1
+    assert "# diverged in epoch 2: non-finite training loss" in (tmp_path / "run/log.txt").read_text()
+    # diverged in the first epoch, not writing: no best weights, so no test score and no best accuracy
+    script_training(monkeypatch, losses=[float("nan")], accs=[0.3])
+    summary = Trainer(tiny_config(tmp_path, epochs=2), write=False).fit()
+    assert summary["best_epoch"] == 0 and summary["best_val_acc"] is None and summary["test_acc"] is None
+
+
+# -- the epoch loop with training and evaluation scripted: selection, schedule, summary, log, plots ----------
+def script_training(monkeypatch, losses, accs, n=100, seconds=0.0):
+    """Replace Trainer._train_epoch: (loss, accuracy, images) of epoch e from the lists; no weights change."""
+    def train_epoch(self, epoch):
+        if seconds:
+            time.sleep(seconds)
+        return losses[epoch - 1], accs[epoch - 1], n
+
+    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
+
+
+class _SummarySeen(Callback):
+    def on_fit_end(self, trainer, summary):
+        self.summary = dict(summary)
+
+
+def test_summary_log_and_metrics_carry_what_the_report_reads(tmp_path, monkeypatch):
+    script_training(monkeypatch, losses=[2.0, 1.5], accs=[0.2, 0.4], n=100, seconds=0.05)
+    seen = _SummarySeen()
+    t0 = time.time()
+    summary = Trainer(tiny_config(tmp_path, amp="off", train_subset=200, val_fraction=0.1), callbacks=[seen]).fit()
+    elapsed = time.time() - t0
+    assert seen.summary == summary
+    assert summary["epochs"] == 2 and summary["epochs_completed"] == 2
+    assert summary["device"] == "cpu" and summary["world_size"] == 1
+    assert (summary["amp"], summary["amp_reason"]) == ("off", "--amp off")
+    assert summary["train_images"] == 200  # the training subset (validation is split off the rest)
+    assert 0.1 <= summary["wall_time_s"] <= elapsed
+    on_disk = json.loads((tmp_path / "run/summary.json").read_text())
+    assert {k: on_disk[k] for k in summary} == pytest.approx(summary)
+    m = pd.read_csv(tmp_path / "run/metrics.csv")
+    assert (m["epoch_time_s"] >= 0.05).all() and (m["epoch_time_s"] < elapsed).all()
+    assert m["images_per_s"].tolist() == pytest.approx((100 / m["epoch_time_s"]).tolist(), rel=1e-4)  # csv rounds
+    log = (tmp_path / "run/log.txt").read_text().splitlines()
+    assert log[0] == (f"# lenet5 on synthetic: {summary['params']:,} params, {summary['flops'] / 1e6:.1f} MFLOPs, "
+                      "device cpu, world size 1, fp32 (--amp off)")
+    # the weights never change (training is scripted), so validation is flat and epoch 1 is the best
+    assert summary["best_epoch"] == 1
+    assert f"# test acc {100 * summary['test_acc']:.2f}% (best-validation checkpoint, epoch 1)" in log
+    last = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)
+    assert m["epoch_time_s"].sum() <= last["wall_time_s"] <= summary["wall_time_s"]
+    assert last["callbacks"] == [{}]  # one entry per callback, in order (_SummarySeen has no state)
+    bf16 = Trainer(tiny_config(tmp_path / "bf16", amp="bf16", epochs=1)).fit()
+    assert (bf16["amp"], bf16["amp_reason"]) == ("bf16", "--amp bf16")
+    assert (tmp_path / "bf16/run/log.txt").read_text().splitlines()[0].endswith("bf16 autocast (--amp bf16)")
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "none"])
+def test_without_a_validation_split_training_accuracy_selects_and_training_loss_schedules(
+        tmp_path, monkeypatch, scheduler):
+    # training loss flat for epochs 1-3 (plateau, patience 1: halve after epoch 3); training accuracy
+    # peaks at epoch 2 and ties at 4: the first peak is the best checkpoint
+    script_training(monkeypatch, losses=[1.0, 1.0, 1.0, 0.5], accs=[0.3, 0.6, 0.5, 0.6])
+    summary = Trainer(tiny_config(tmp_path, epochs=4, val_fraction=0.0, scheduler=scheduler,
+                                  plateau_patience=1, plateau_factor=0.5)).fit()
+    assert summary["best_epoch"] == 2 and summary["best_val_acc"] == 0.6
+    assert torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["epoch"] == 2
+    m = pd.read_csv(tmp_path / "run/metrics.csv")
+    assert m["val_acc"].isna().all()
+    assert m["lr"].tolist() == ([0.05, 0.05, 0.05, 0.025] if scheduler == "plateau" else [0.05] * 4)
+
+
+def test_scoring_without_a_run_directory_uses_the_final_weights(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=1, train_subset=64, test_subset=32)
+    t = Trainer(cfg, write=False)
+    summary = t.fit()
+    assert summary["best_epoch"] == 1 and not (tmp_path / "run").exists()
+    assert (summary["test_loss"], summary["test_acc"]) == pytest.approx(t.evaluate(t.data.test), abs=1e-12)
+
+
+@pytest.mark.parametrize("epochs, plotted", [
+    (3, [1, 2, 3]),                    # under 20 epochs: every epoch
+    (30, list(range(1, 31))),          # 30 // 20 = 1: every epoch
+    (40, list(range(2, 41, 2))),       # every second epoch: about 20 redraws a run
+])
+def test_curves_are_redrawn_about_twenty_times_a_run(tmp_path, monkeypatch, epochs, plotted):
+    script_training(monkeypatch, losses=[1.0] * epochs, accs=[0.5] * epochs)
+    snaps = _Snapshots()
+    script_evaluation(monkeypatch, snaps, val=[0.5] * epochs, test=[0.5] * epochs)
+    drawn = []
+    monkeypatch.setattr(Trainer, "_plot", lambda self: drawn.append(len(self.history)))
+    Trainer(tiny_config(tmp_path, epochs=epochs, scheduler="none", train_subset=64, test_subset=32)).fit()
+    assert drawn == [*plotted, epochs]  # and once more with the summary
+
+
+def test_tensorboard_gets_every_numeric_column_per_epoch(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script_training(monkeypatch, losses=[2.0, 1.5], accs=[0.2, 0.4])
+    Trainer(tiny_config(tmp_path, tensorboard=True, scheduler="none")).fit()
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert tags == {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s"}
+    loss = events.Scalars("train_loss")
+    assert [(e.step, e.value) for e in loss] == [(1, 2.0), (2, 1.5)]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([0.05, 0.05])
 
 
 # -- bad input: one line "error: ...", exit 2, nothing on disk lost ----------------------------------------
@@ -406,4 +544,5 @@ def test_ddp_two_processes_on_cpu_match_one_process(tmp_path):
     sb = json.loads((tmp_path / "two/summary.json").read_text())
     sa = json.loads((tmp_path / "one/summary.json").read_text())
     assert sb["world_size"] == 2
+    assert sb["train_images"] == sa["train_images"] == 512  # both ranks' shards together
     assert sb["test_acc"] == pytest.approx(sa["test_acc"], abs=5e-3)
