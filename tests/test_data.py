@@ -18,7 +18,7 @@ from cifarlab.config import make_config
 from cifarlab.data import (DeviceLoader, available_datasets, build_loaders, crop_flip, dataset_info,
                            dataset_location, draw_params, fixtures, load_arrays, make_synthetic,
                            resolve_data_root, split_train_val, subset_indices, torchvision_dataset)
-from cifarlab.data.augment import apply_cutout, augment
+from cifarlab.data.augment import AugmentParams, apply_cutout, augment, norm_constants, normalize
 from cifarlab.errors import ConfigError, DatasetError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -295,6 +295,7 @@ def test_loader_applies_exactly_the_epoch_plan():
     loader = DeviceLoader(x, y, 10, mean, std, shuffle=True, augment=True, cutout=6, seed=3)
     loader.set_epoch(2)
     idx, params = loader.epoch_plan()
+    assert all(t is not None and len(t) == 37 for t in (params.offsets, params.flip, params.cutout))
     got = list(loader)
     assert [len(b[1]) for b in got] == [10, 10, 10, 7] and len(loader) == 4
     expected = augment(x[idx], params, pad=4, cutout=6)
@@ -307,7 +308,72 @@ def test_draws_cover_all_crops_and_flip_about_half():
     p = draw_params(20000, torch.Generator().manual_seed(0), (32, 32), pad=4, flip=True, cutout=16)
     assert len({tuple(o) for o in p.offsets.tolist()}) == 81
     assert 0.47 < p.flip.float().mean().item() < 0.53
-    assert p.cutout.min() == 0 and p.cutout.max() == 16  # square kept inside a 32x32 image
+    # square kept inside a 32x32 image: every corner row and column 0..16 drawn
+    assert p.cutout.amin(0).tolist() == [0, 0] and p.cutout.amax(0).tolist() == [16, 16]
+
+
+def test_draw_params_defaults_and_switches():
+    g = torch.Generator().manual_seed(1)
+    p = draw_params(500, g, (8, 8))  # defaults: pad 4, flip, no cutout
+    assert set(p.offsets.flatten().tolist()) == set(range(9)) and p.flip is not None and p.cutout is None
+    assert draw_params(50, g, (8, 8), pad=0).offsets is None  # pad 0: no crop at all
+    assert set(draw_params(200, g, (8, 8), pad=1).offsets.flatten().tolist()) == {0, 1, 2}
+    assert draw_params(50, g, (8, 8), flip=False).flip is None
+    c = draw_params(400, g, (5, 4), cutout=1).cutout  # a 1x1 square: any pixel of the 5x4 image
+    assert set(c[:, 0].tolist()) == set(range(5)) and set(c[:, 1].tolist()) == set(range(4))
+    for size in (4, 6):  # a square as large as the image (or larger) sits at (0, 0): everything is cut
+        assert torch.equal(draw_params(50, g, (4, 4), cutout=size).cutout, torch.zeros(50, 2, dtype=torch.int64))
+
+
+def test_augment_composes_crop_flip_cutout_by_hand():
+    x = torch.arange(1, 10, dtype=torch.uint8).view(1, 1, 3, 3).repeat(2, 1, 1, 1)  # [[1,2,3],[4,5,6],[7,8,9]]
+    params = AugmentParams(torch.tensor([[0, 0], [2, 1]]), torch.tensor([False, True]), torch.tensor([[1, 1], [0, 0]]))
+    out = augment(x, params, pad=1, cutout=1)
+    assert out[0, 0].tolist() == [[0, 0, 0], [0, 0, 2], [0, 4, 5]]  # crop at (0, 0), pixel (1, 1) cut
+    assert out[1, 0].tolist() == [[0, 5, 4], [9, 8, 7], [0, 0, 0]]  # crop at (2, 1), mirrored, (0, 0) cut
+    # flip only (pad 0: no offsets drawn); no corners drawn: no cutout whatever the size
+    flip_only = augment(x, AugmentParams(None, torch.tensor([True, False]), None), pad=0, cutout=2)
+    assert flip_only[0, 0].tolist() == [[3, 2, 1], [6, 5, 4], [9, 8, 7]] and torch.equal(flip_only[1], x[1])
+    # cutout only: nothing to crop or flip
+    cut_only = augment(x, AugmentParams(None, None, torch.tensor([[2, 2], [0, 1]])), pad=0, cutout=1)
+    assert cut_only[0, 0].tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 0]]
+    assert cut_only[1, 0].tolist() == [[1, 0, 3], [4, 5, 6], [7, 8, 9]]
+    assert torch.equal(crop_flip(x, None, None, pad=0), x)
+
+
+def test_augment_params_slice_keeps_every_field():
+    p = AugmentParams(torch.arange(10).view(5, 2), torch.tensor([True, False, True, True, False]),
+                      torch.arange(10, 20).view(5, 2))
+    s = p.slice(slice(1, 3))
+    assert s.offsets.tolist() == [[2, 3], [4, 5]] and s.flip.tolist() == [False, True]
+    assert s.cutout.tolist() == [[12, 13], [14, 15]]
+    s = AugmentParams(None, p.flip, None).slice(torch.tensor([4, 0]))
+    assert s.offsets is None and s.flip.tolist() == [False, True] and s.cutout is None
+
+
+def test_norm_constants_hand_computed():
+    import numpy as np
+
+    scale, shift = norm_constants(np.array([0.5, 0.25]), np.array([0.25, 0.5]), "cpu")  # float64 in, float32 out
+    assert scale.shape == shift.shape == (1, 2, 1, 1) and scale.dtype == shift.dtype == torch.float32
+    torch.testing.assert_close(scale.flatten(), torch.tensor([4 / 255, 2 / 255]))
+    torch.testing.assert_close(shift.flatten(), torch.tensor([-2.0, -0.5]))
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 2, 1, 1)
+    torch.testing.assert_close(normalize(x, scale, shift).flatten(), torch.tensor([-2.0, -0.5, 2.0, 1.5]))
+
+
+def test_augmentation_stays_on_the_batch_device():
+    # meta stands in for a GPU: any index or constant made on the CPU instead would raise here
+    dev = "meta"
+    p = AugmentParams(torch.zeros(2, 2, dtype=torch.int64), torch.tensor([True, False]), None).to(dev)
+    assert p.offsets.device.type == p.flip.device.type == dev and p.cutout is None
+    x = torch.zeros(2, 3, 6, 6, dtype=torch.uint8, device=dev)
+    out = crop_flip(x, p.offsets, p.flip, pad=2)
+    out = apply_cutout(out, torch.zeros(2, 2, dtype=torch.int64, device=dev), size=3)
+    scale, shift = norm_constants((0.5,) * 3, (0.2,) * 3, dev)
+    assert scale.device.type == shift.device.type == dev
+    y = normalize(out, scale, shift)
+    assert y.device.type == dev and y.shape == (2, 3, 6, 6) and y.dtype == torch.float32
 
 
 # -- per-epoch determinism ------------------------------------------------------------------------
