@@ -10,7 +10,8 @@ import yaml
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
-from cifarlab.report.build import build_report, find_runs, fmt_count, fmt_duration
+from cifarlab.report.build import (Run, build_report, find_runs, fmt_count, fmt_duration, group_caption,
+                                   group_table, load_run, markdown_table, slug)
 from cifarlab.report.curves import plot_run_curves, read_metrics
 from cifarlab.report.section_modifications import families
 
@@ -71,6 +72,36 @@ def test_formats_are_fixed():
     assert fmt_duration(12.34) == "12.3s"
     assert fmt_duration(125) == "2m05s"
     assert fmt_duration(3725) == "1h02m"
+    # every unit boundary, floats as well as ints, and the values that are not counts
+    assert fmt_count(10**12) == "1.00T" and fmt_count(2.5e12) == "2.50T"
+    assert fmt_count(10**9) == "1.00G" and fmt_count(2.5e9) == "2.50G"
+    assert fmt_count(10**6) == "1.00M" and fmt_count(1.5e6) == "1.50M"
+    assert fmt_count(100000) == "0.10M" and fmt_count(135000) == "0.14M"
+    assert fmt_count(99999) == "100.0K" and fmt_count(45678) == "45.7K"
+    assert fmt_count(1000) == "1.0K" and fmt_count(1050) == "1.1K"
+    assert fmt_count(999) == "999" and fmt_count(0) == "0" and fmt_count(12.0) == "12"
+    assert fmt_count(5322, "B") == "5.3KB"
+    assert fmt_count(float("nan")) == "—" and fmt_count(float("inf")) == "—" and fmt_count("7") == "—"
+    assert fmt_duration(59.4) == "59.4s"
+    assert fmt_duration(60) == "1m00s"
+    assert fmt_duration(3599) == "59m59s"
+    assert fmt_duration(3600) == "1h00m"
+    assert fmt_duration(None) == "—" and fmt_duration(float("nan")) == "—" and fmt_duration("5") == "—"
+
+
+def test_slug_and_markdown_table_are_fixed():
+    assert slug("all-200ep") == "all-200ep"
+    assert slug("ResNet18_v1.2") == "ResNet18_v1.2"
+    assert slug("Xception net X") == "Xception-net-X"
+    assert slug("/a b//c/") == "a-b-c"
+    assert slug("///") == "runs" and slug("") == "runs"
+    import pandas as pd
+
+    df = pd.DataFrame({"a|b": ["x|y", "1\n2"], "c": [1, 2]}, index=[7, 8])
+    assert markdown_table(df) == ("| a\\|b | c |\n"
+                                  "| --- | --- |\n"
+                                  "| x\\|y | 1 |\n"
+                                  "| 1 2 | 2 |")
 
 
 def test_find_runs_groups_and_skips_sub_folders(logs):
@@ -225,3 +256,90 @@ def test_unfinished_run_best_epoch_is_the_first_of_equal_validation_peaks(tmp_pa
     readme = build_report(root, tmp_path / "report").read_text()
     row = dict(zip(header(readme), table_row(readme, "tied")))
     assert row["best epoch"] == "2" and row["best val acc (%)"] == "70.00"
+
+
+def test_readme_layout_header_group_notes_and_sections(tmp_path, monkeypatch):
+    # the header names the exact rebuild command; a group's NOTES.md (the exact training command)
+    # follows its caption; sections follow the groups; blocks are separated by one blank line
+    import cifarlab.report.build as build
+
+    extra = (0, "Extra", lambda log_root, img_dir: "  body text \n\n")
+    monkeypatch.setattr(build, "sections", lambda: [extra])
+    root = tmp_path / "log"
+    make_run(root / "g" / "r")
+    (root / "g" / "NOTES.md").write_text("  Command: `python -m cifarlab train --model resnet18`\n\n")
+    readme = build_report(root, tmp_path / "site" / "report").read_text()
+    blocks = readme.split("\n\n")
+    assert blocks[0] == "# Results"
+    assert blocks[1] == ("Generated from the run directories under `../log/` by "
+                         "`python -m cifarlab report --log ../log --out report` — do not edit by hand. "
+                         "Error is the test error of the best-validation checkpoint; unfinished runs show "
+                         "epochs done / planned.")
+    assert blocks[2] == "## Runs: g"
+    assert blocks[3] == "dataset: fashion · epochs planned: 4 · training images: 5,000 · hardware: cpu"
+    assert blocks[4] == "Command: `python -m cifarlab train --model resnet18`"
+    table = blocks[5].split("\n")
+    assert len(table) == 3 and table[0].startswith("| run | architecture |")
+    assert table[2].startswith("| r | resnet18 | 11.17M |")
+    assert table[2].endswith("| [log](../../log/g/r/log.txt) | [img](../../log/g/r/curves.png) |")
+    assert blocks[6] == "![validation accuracy, g](img/runs-g.png)"
+    assert blocks[7:] == ["## Extra", "body text\n"]
+
+
+def test_build_report_defaults_are_log_and_report(tmp_path, monkeypatch):
+    import cifarlab.report.build as build
+
+    monkeypatch.setattr(build, "sections", lambda: [])
+    make_run(tmp_path / "log" / "g" / "r", done=1, finished=False)
+    monkeypatch.chdir(tmp_path)
+    readme = build_report()
+    assert readme == Path("report") / "README.md" and readme.is_file()
+    assert "`python -m cifarlab report --log log --out report`" in readme.read_text()
+
+
+def test_group_caption_labels_dataset_epochs_images_and_hardware():
+    a = Run(Path("a"), "g", "a", config={"dataset": "cifar10", "epochs": 200, "train_subset": 1000},
+            summary={"train_images": 50000, "hardware": "NVIDIA H200", "device": "cuda"})
+    b = Run(Path("b"), "g", "b", config={"dataset": "cifar10", "epochs": 50, "train_subset": 5000},
+            summary={"device": ""})  # no summary train_images yet: the config's subset
+    assert group_caption([a, b]) == ("dataset: cifar10 · epochs planned: 200, 50 · "
+                                     "training images: 5,000, 50,000 · hardware: NVIDIA H200")
+    c = Run(Path("c"), "g", "c", summary={"device": "cpu"})  # before summary.json had "hardware"
+    assert group_caption([c]).endswith(" · hardware: cpu")
+    assert group_caption([Run(Path("d"), "g", "d")]) == ("dataset: — · epochs planned: — · "
+                                                         "training images: — · hardware: —")
+
+
+def test_group_table_of_a_run_with_only_a_config(tmp_path):
+    # no summary, no metrics, no epochs, no files, and no links passed: dashes and '?', no crash
+    run = Run(tmp_path / "r", "g", "r", config={"model": "lenet"})
+    (row,) = group_table([run], tmp_path).to_dict("records")
+    assert row == {"run": "r", "architecture": "lenet", "#params": "—", "FLOPs": "—", "error (%)": "—",
+                   "best val acc (%)": "—", "best epoch": "—", "epochs": "0/?", "wall time": "—",
+                   "status": "unfinished (0/? ep)", "log": "—", "curves": "—"}
+
+
+def test_run_groups_are_relative_to_the_log_root(tmp_path):
+    root = tmp_path / "log"
+    run_dir = make_run(root / "a" / "b" / "r1", done=1, finished=False)
+    assert [(r.group, r.name) for r in find_runs(root)] == [("a/b", "r1")]
+    assert [r.name for r in find_runs(root, group="a/b")] == ["r1"] and find_runs(root, group="b") == []
+    assert [(r.group, r.name) for r in find_runs(root / "a" / "b")] == [("b", "r1")]  # the root names it
+    assert [(r.group, r.name) for r in find_runs(run_dir)] == [("b", "r1")]  # the root is the run
+    assert (load_run(run_dir).group, load_run(run_dir).name) == ("b", "r1")  # no root: the parent
+    assert find_runs(tmp_path / "nowhere") == []
+
+
+def test_foreign_or_broken_run_files_are_read_as_empty(tmp_path):
+    run_dir = tmp_path / "log" / "g" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text("[1, 2]")
+    (run_dir / "config.yaml").write_text("- a\n- b\n")
+    (run_dir / "metrics.csv").write_bytes(b"\xff\xfeepoch,val_acc\n")  # not UTF-8
+    (run,) = find_runs(tmp_path / "log")
+    assert (run.summary, run.config, run.metrics) == ({}, {}, {})
+    assert run.status == "unfinished (0/? ep)" and run.best_epoch_and_acc == (None, None)
+    (run_dir / "summary.json").write_text('{"finished": tru')  # half-written
+    (run_dir / "config.yaml").write_text("model: [lenet\n")
+    (run,) = find_runs(tmp_path / "log")
+    assert (run.summary, run.config) == ({}, {})
