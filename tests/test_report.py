@@ -302,7 +302,7 @@ def test_group_caption_labels_dataset_epochs_images_and_hardware():
             summary={"train_images": 50000, "hardware": "NVIDIA H200", "device": "cuda"})
     b = Run(Path("b"), "g", "b", config={"dataset": "cifar10", "epochs": 50, "train_subset": 5000},
             summary={"device": ""})  # no summary train_images yet: the config's subset
-    assert group_caption([a, b]) == ("dataset: cifar10 · epochs planned: 200, 50 · "
+    assert group_caption([a, b]) == ("dataset: cifar10 · epochs planned: 50, 200 · "  # numeric order
                                      "training images: 5,000, 50,000 · hardware: NVIDIA H200")
     c = Run(Path("c"), "g", "c", summary={"device": "cpu"})  # before summary.json had "hardware"
     assert group_caption([c]).endswith(" · hardware: cpu")

@@ -256,7 +256,14 @@ def group_table(runs: list[Run], out_dir: Path, links: dict[str, dict[str, Path 
 
 
 def _distinct(values) -> str:
-    vals = sorted({str(v) for v in values if v not in (None, "", DASH)})
+    """The distinct values, numbers in numeric order ("50, 200"; "5,000, 50,000"), then text."""
+    def key(v: str):
+        try:
+            return (0, float(v.replace(",", "")), v)
+        except ValueError:
+            return (1, 0.0, v)
+
+    vals = sorted({str(v) for v in values if v not in (None, "", DASH)}, key=key)
     return ", ".join(vals) if vals else DASH
 
 
