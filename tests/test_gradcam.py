@@ -352,7 +352,9 @@ def spy(monkeypatch, module, name) -> list[dict]:
     sig, calls = inspect.signature(real), []
 
     def wrapper(*args, **kwargs):
-        calls.append(dict(sig.bind(*args, **kwargs).arguments))
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, wrapper)
