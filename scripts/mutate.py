@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import configparser
+import hashlib
 import io
 import json
 import os
@@ -194,15 +195,31 @@ def forget_survivors(work: Path, module: str) -> int:
     return len(survivors)
 
 
+def tests_digest(tests: list[str]) -> str:
+    """sha256 over the module's test files and conftest.py: what its survivors were tested against."""
+    h = hashlib.sha256()
+    for t in sorted({*tests, "tests/conftest.py"}):
+        f = ROOT / t
+        h.update(t.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"") + b"\0")
+    return h.hexdigest()
+
+
 def run_module(module: str, tests: list[str], skip: list[str], shared: dict, max_children: int,
                retest_survivors: bool = False) -> dict:
     work = stage(module, tests, skip, shared)
-    if retest_survivors:
-        print(f"{module}: {forget_survivors(work, module)} survivors to test again")
+    # mutmut re-tests a function only when its code changed: when the module's tests changed since
+    # the last run, its survivors get their second chance here without --retest-survivors
+    digest_file = work / "tests.sha256"
+    digest = tests_digest(tests)
+    tests_changed = digest_file.is_file() and digest_file.read_text().strip() != digest
+    if retest_survivors or tests_changed:
+        why = "tests changed since the last run" if tests_changed and not retest_survivors else "--retest-survivors"
+        print(f"{module}: {forget_survivors(work, module)} survivors to test again ({why})")
     t0 = time.time()
     with open(work / "mutmut.log", "w") as log:  # mutmut re-tests what changed since its last run
         rc = mutmut(work, ["run", "--max-children", str(max_children)], log)
     seconds = time.time() - t0
+    digest_file.write_text(digest + "\n")
     codes = results(work, module)
     killed = sum(v in KILLED for v in codes.values())
     survived = sorted(k for k, v in codes.items() if v in SURVIVED)

@@ -50,3 +50,38 @@ def test_trainer_config_mutates_only_selection_and_resume():
     skip = set(modules["train/trainer.py"]["skip"])
     kept = set(m.definitions(ROOT / "code" / "cifarlab" / "train" / "trainer.py")) - skip
     assert kept == {"best_payload", "_checkpoint_payload", "_load_last", "_fit", "_finish", "_step_scheduler"}
+
+
+def test_survivors_are_tested_again_when_the_module_tests_change(tmp_path, monkeypatch, capsys):
+    m = load()
+    root, work = tmp_path / "repo", tmp_path / "work"
+    (root / "tests").mkdir(parents=True)
+    (root / "tests" / "test_x.py").write_text("def test_a(): pass\n")
+    meta = work / "mutants" / "src" / "cifarlab" / "x.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {"f__mutmut_1": 0, "f__mutmut_2": 1}}))
+    seen = []  # the survivor's recorded result when mutmut starts: None = it will be tested again
+
+    def fake_mutmut(w, args, log):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        seen.append(codes["f__mutmut_1"])
+        codes["f__mutmut_1"] = 0  # survives again
+        meta.write_text(json.dumps({"exit_code_by_key": codes}))
+        return 0
+
+    monkeypatch.setattr(m, "ROOT", root)
+    monkeypatch.setattr(m, "stage", lambda *a: work)
+    monkeypatch.setattr(m, "mutmut", fake_mutmut)
+    monkeypatch.setattr(m, "show", lambda w, name: name)
+    run = lambda **kw: m.run_module("x.py", ["tests/test_x.py"], [], {}, 1, **kw)  # noqa: E731
+    run()  # first run: nothing recorded to compare with
+    run()  # same tests: mutmut's own record stands
+    (root / "tests" / "test_x.py").write_text("def test_a(): pass\ndef test_b(): pass\n")
+    row = run()  # a test added: the survivor is tested again
+    run()
+    (root / "tests" / "conftest.py").write_text("# a fixture changed\n")
+    run()
+    run(retest_survivors=True)  # forced
+    assert seen == [0, 0, None, 0, None, None]
+    assert row["survivors"] == ["f__mutmut_1"] and row["killed"] == 1
+    assert "survivors to test again (tests changed since the last run)" in capsys.readouterr().out
