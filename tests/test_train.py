@@ -524,6 +524,21 @@ def test_resume_refuses_a_different_model(tmp_path, capsys):
     assert "differs from the run's" in capsys.readouterr().err
 
 
+def test_resume_of_a_last_checkpoint_without_callback_state(tmp_path):
+    # a last.pt written before checkpoints carried callback state still resumes (the callbacks start fresh)
+    cfg = dict(epochs=2, train_subset=64, test_subset=32)
+    Trainer(tiny_config(tmp_path, **cfg)).fit()
+    last_path = tmp_path / "run/checkpoints/last.pt"
+    last = torch.load(last_path, weights_only=False)
+    last["epoch"], last["history"] = 1, last["history"][:1]  # as if cut off after epoch 1
+    del last["callbacks"]
+    torch.save(last, last_path)
+    (tmp_path / "run/summary.json").unlink()
+    counter = _CountEpochs()
+    summary = Trainer(tiny_config(tmp_path, resume=True, **cfg), callbacks=[counter]).fit()
+    assert summary["epochs_completed"] == 2 and counter.seen == 1
+
+
 def test_ddp_two_processes_on_cpu_match_one_process(tmp_path):
     args = ["--model", "lenet5", "--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256",
             "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "off", "--epochs", "2",
