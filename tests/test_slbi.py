@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 
 import pandas as pd
 import pytest
@@ -623,6 +624,58 @@ def test_auto_falls_back_to_the_exact_eager_step_when_compiling_fails(monkeypatc
     opt = SLBI(slbi_param_groups(net, lam=0.01), lr=0.5, mu=5.0, compiled=True)
     with pytest.raises(RuntimeError, match="no compiler"):
         _train(net, opt, batches)
+
+
+def test_fallback_updates_every_penalty_kind_of_one_mixed_group(monkeypatch):
+    import cifarlab.optim.slbi as slbi_module
+
+    # one parameter group, penalty "auto": the conv weight (group), the linear weight (element-wise)
+    # and the rest (plain) share it; when compiling fails on the first kind, the other kinds must
+    # still take their eager step
+    calls = []
+
+    def broken():
+        def fail(*args):
+            calls.append(len(args[0]))
+            raise RuntimeError("no compiler")
+        return fail
+
+    monkeypatch.setattr(slbi_module, "_compiled_pointwise", broken)
+    monkeypatch.setattr(slbi_module, "fused_step_available", lambda device: True)
+    batches = _batches(3)
+    nets = [_tiny_net(), _tiny_net()]
+    opts = [SLBI(net.parameters(), lr=0.5, mu=5.0, lam=0.01, weight_decay=1e-3, compiled=c)
+            for net, c in zip(nets, (False, "auto"))]
+    _train(nets[0], opts[0], batches)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        _train(nets[1], opts[1], batches)
+    # the first fused step (step 2: momentum buffers exist) tries each sparse kind once, conv then
+    # linear weight; every later step is eager
+    assert calls == [1, 1]
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_auto_resolves_to_the_eager_step_where_no_compiler_is_available(monkeypatch):
+    import cifarlab.optim.slbi as slbi_module
+
+    built = []
+    monkeypatch.setattr(slbi_module, "_compiled_pointwise", lambda: built.append(1))
+    monkeypatch.setattr(slbi_module, "fused_step_available", lambda device: False)
+    net = _tiny_net()
+    opt = SLBI(slbi_param_groups(net, lam=0.01), lr=0.5, compiled="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile failed" fallback either
+        _train(net, opt, _batches(3))
+    assert opt.compiled is False and built == []
+
+
+def test_slbi_defaults_are_the_papers():
+    w = nn.Parameter(torch.ones(2, 2))
+    opt = SLBI([w], lr=0.1)
+    d = opt.defaults
+    assert (d["kappa"], d["mu"], d["lam"], d["momentum"], d["weight_decay"], d["penalty"]) == (1.0, 100.0, 1.0, 0.9, 0.0, "auto")
+    assert opt.compiled is False  # the eager step unless asked (the trainer passes --slbi-fused)
 
 
 @pytest.mark.parametrize("flag, expected", [("auto", "auto"), ("on", True), ("off", False)])
