@@ -297,6 +297,13 @@ def test_build_report_defaults_are_log_and_report(tmp_path, monkeypatch):
     assert "`python -m cifarlab report --log log --out report`" in readme.read_text()
 
 
+def test_caption_values_are_numbers_in_numeric_order_then_text():
+    from cifarlab.report.build import _distinct
+
+    # "9,000" before "10,000" (text order would put "10,000" first); text after every number
+    assert _distinct(["cuda", 200, "10,000", None, 50, "9,000", "", 50]) == "50, 200, 9,000, 10,000, cuda"
+
+
 def test_group_caption_labels_dataset_epochs_images_and_hardware():
     a = Run(Path("a"), "g", "a", config={"dataset": "cifar10", "epochs": 200, "train_subset": 1000},
             summary={"train_images": 50000, "hardware": "NVIDIA H200", "device": "cuda"})
