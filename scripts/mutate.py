@@ -15,9 +15,10 @@ functions and methods to mutate, every other one skipped: for a large module of 
 is the science, e.g. the trainer's best-checkpoint selection and resume).
 
     python scripts/mutate.py                      # every configured module
-    python scripts/mutate.py dropout/layers.py    # one (or several); run again after adding tests
+    python scripts/mutate.py dropout/layers.py    # one (or several); run again after adding tests: the
+                                                  # survivors are re-tested when its tests changed
     python scripts/mutate.py --list
-    python scripts/mutate.py --retest-survivors optim/slbi.py   # after adding tests for its survivors
+    python scripts/mutate.py --retest-survivors optim/slbi.py   # re-test the survivors in any case
 
 mutmut forks one worker per mutant (``--max-children``, default 1: one core); pin the whole run
 with ``taskset -c N`` on a shared machine. Writes build/mutate/summary.md (score and time per
