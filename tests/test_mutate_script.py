@@ -73,7 +73,10 @@ def test_survivors_are_tested_again_when_the_module_tests_change(tmp_path, monke
     monkeypatch.setattr(m, "stage", lambda *a: work)
     monkeypatch.setattr(m, "mutmut", fake_mutmut)
     monkeypatch.setattr(m, "show", lambda w, name: name)
-    run = lambda **kw: m.run_module("x.py", ["tests/test_x.py"], [], {}, 1, **kw)  # noqa: E731
+
+    def run(**kw):
+        return m.run_module("x.py", ["tests/test_x.py"], [], {}, 1, **kw)
+
     run()  # first run: nothing recorded to compare with
     run()  # same tests: mutmut's own record stands
     (root / "tests" / "test_x.py").write_text("def test_a(): pass\ndef test_b(): pass\n")

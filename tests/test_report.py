@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -95,8 +96,6 @@ def test_slug_and_markdown_table_are_fixed():
     assert slug("Xception net X") == "Xception-net-X"
     assert slug("/a b//c/") == "a-b-c"
     assert slug("///") == "runs" and slug("") == "runs"
-    import pandas as pd
-
     df = pd.DataFrame({"a|b": ["x|y", "1\n2"], "c": [1, 2]}, index=[7, 8])
     assert markdown_table(df) == ("| a\\|b | c |\n"
                                   "| --- | --- |\n"

@@ -306,20 +306,6 @@ def test_non_finite_loss_stops_cleanly_as_diverged(tmp_path):
     assert "diverged" in (tmp_path / "run/log.txt").read_text()
 
 
-def test_divergence_names_its_epoch_and_reports_no_best(tmp_path, monkeypatch):
-    # epoch 1 is finite, epoch 2 is not: the log names epoch 2; nothing ever improved on epoch 1
-    script_training(monkeypatch, losses=[1.0, float("nan"), 1.0], accs=[0.3, 0.3, 0.3])
-    snaps = _Snapshots()
-    script_evaluation(monkeypatch, snaps, val=[0.4, 0.5, 0.6])
-    summary = Trainer(tiny_config(tmp_path, epochs=3), callbacks=[snaps]).fit()
-    assert summary["diverged"] and summary["epochs_completed"] == 1 and summary["best_epoch"] == 1
-    assert "# diverged in epoch 2: non-finite training loss" in (tmp_path / "run/log.txt").read_text()
-    # diverged in the first epoch, not writing: no best weights, so no test score and no best accuracy
-    script_training(monkeypatch, losses=[float("nan")], accs=[0.3])
-    summary = Trainer(tiny_config(tmp_path, epochs=2), write=False).fit()
-    assert summary["best_epoch"] == 0 and summary["best_val_acc"] is None and summary["test_acc"] is None
-
-
 # -- the epoch loop with training and evaluation scripted: selection, schedule, summary, log, plots ----------
 def script_training(monkeypatch, losses, accs, n=100, seconds=0.0):
     """Replace Trainer._train_epoch: (loss, accuracy, images) of epoch e from the lists; no weights change."""
@@ -334,6 +320,20 @@ def script_training(monkeypatch, losses, accs, n=100, seconds=0.0):
 class _SummarySeen(Callback):
     def on_fit_end(self, trainer, summary):
         self.summary = dict(summary)
+
+
+def test_divergence_names_its_epoch_and_reports_no_best(tmp_path, monkeypatch):
+    # epoch 1 is finite, epoch 2 is not: the log names epoch 2; nothing ever improved on epoch 1
+    script_training(monkeypatch, losses=[1.0, float("nan"), 1.0], accs=[0.3, 0.3, 0.3])
+    snaps = _Snapshots()
+    script_evaluation(monkeypatch, snaps, val=[0.4, 0.5, 0.6])
+    summary = Trainer(tiny_config(tmp_path, epochs=3), callbacks=[snaps]).fit()
+    assert summary["diverged"] and summary["epochs_completed"] == 1 and summary["best_epoch"] == 1
+    assert "# diverged in epoch 2: non-finite training loss" in (tmp_path / "run/log.txt").read_text()
+    # diverged in the first epoch, not writing: no best weights, so no test score and no best accuracy
+    script_training(monkeypatch, losses=[float("nan")], accs=[0.3])
+    summary = Trainer(tiny_config(tmp_path, epochs=2), write=False).fit()
+    assert summary["best_epoch"] == 0 and summary["best_val_acc"] is None and summary["test_acc"] is None
 
 
 def test_summary_log_and_metrics_carry_what_the_report_reads(tmp_path, monkeypatch):
@@ -382,7 +382,7 @@ def test_without_a_validation_split_training_accuracy_selects_and_training_loss_
     assert m["lr"].tolist() == ([0.05, 0.05, 0.05, 0.025] if scheduler == "plateau" else [0.05] * 4)
 
 
-def test_scoring_without_a_run_directory_uses_the_final_weights(tmp_path, monkeypatch):
+def test_scoring_without_a_run_directory_uses_the_final_weights(tmp_path):
     cfg = tiny_config(tmp_path, epochs=1, train_subset=64, test_subset=32)
     t = Trainer(cfg, write=False)
     summary = t.fit()
