@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 import torch
 
 from cifarlab.cli import main
@@ -513,6 +514,35 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tmp_path
     (run / "checkpoints/last.pt").unlink()
     assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run), "--resume"]) == 0
     assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 1
+
+
+def test_a_recipe_run_resumes_twice_and_keeps_its_recipe(tmp_path, capsys):
+    # a run cut off by two session ends: each resume rewrites config.yaml, which must still name
+    # the recipe, or the grid's second `--recipe dropout ... --resume` is refused
+    run = tmp_path / "r"
+    args = ["train", *TINY, "--recipe", "dropout", "--run-dir", str(run)]
+    assert main([*args, "--epochs", "1"]) == 0
+    for epochs in (2, 3):
+        (run / "summary.json").unlink()  # pretend it was killed before finishing
+        assert main([*args, "--epochs", str(epochs), "--resume"]) == 0, capsys.readouterr().err
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["recipe"] == "dropout" and saved["lr"] == 0.05 and saved["weight_decay"] == 1e-4
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 3
+    # a recipe that contradicts the run is refused
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    other = ["train", *TINY, "--recipe", "edropout", "--run-dir", str(run), "--epochs", "4", "--resume"]
+    assert main(other) == 2
+    assert "--recipe 'edropout' differs from the run's 'dropout'" in capsys.readouterr().err
+    # a config.yaml rewritten by the older resume (recipe: null, the preset's values in its fields):
+    # the same recipe resumes it and names itself again; one whose preset disagrees is refused
+    legacy = {**saved, "recipe": None}
+    (run / "config.yaml").write_text(yaml.safe_dump(legacy))
+    assert main(other) == 2
+    assert "--recipe 'edropout' sets optimizer 'adadelta', which differs from the run's 'sgd'" in \
+        capsys.readouterr().err
+    assert main([*args, "--epochs", "4", "--resume"]) == 0, capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["recipe"] == "dropout"
 
 
 def test_resume_refuses_a_different_model(tmp_path, capsys):

@@ -37,16 +37,36 @@ def resume_config(args):
     for key, value in given.items():
         if key in RESUMABLE_CHANGES:
             continue
+        if key == "recipe" and saved.get("recipe") is None and "recipe" in saved:
+            _check_legacy_recipe(fresh, saved, saved_file)
+            continue
         if getattr(fresh, key) != _as_field(saved.get(key), key):
             raise ConfigError(f"--resume: --{key.replace('_', '-')} {getattr(fresh, key)!r} differs from the "
                               f"run's {saved.get(key)!r} in {saved_file}")
     merged = {**saved, **{k: given[k] for k in given if k in RESUMABLE_CHANGES}}
     merged["resume"] = True
+    if merged.get("recipe") is None and given.get("recipe") is not None:
+        merged["recipe"] = given["recipe"]  # checked above: name it again in the rewritten config
     merged["run_dir"] = str(run_dir)
-    merged.pop("recipe", None)  # the saved config already holds the recipe's values
+    # the recipe stays in the config (make_config lays the saved fields over its preset), so the
+    # rewritten config.yaml still names it and a second resume with the same flags is accepted
     from cifarlab.config import make_config
 
     return make_config(merged)
+
+
+def _check_legacy_recipe(fresh, saved: dict, saved_file) -> None:
+    """A config.yaml rewritten by an older resume says ``recipe: null`` while its fields hold the
+    preset's values: the given --recipe agrees when the fields it sets (and no flag overrides)
+    match the saved ones."""
+    from cifarlab.config import RECIPES
+
+    for key in RECIPES.get(fresh.recipe, {}):
+        if key in RESUMABLE_CHANGES or key not in saved:
+            continue
+        if getattr(fresh, key) != _as_field(saved[key], key):
+            raise ConfigError(f"--resume: --recipe {fresh.recipe!r} sets {key} {getattr(fresh, key)!r}, which "
+                              f"differs from the run's {saved[key]!r} in {saved_file}")
 
 
 def _as_field(value, key):
