@@ -325,6 +325,18 @@ def test_group_table_of_a_run_with_only_a_config(tmp_path):
                    "status": "unfinished (0/? ep)", "log": "—", "curves": "—"}
 
 
+def test_group_table_names_each_runs_machine_when_a_group_mixes_them(tmp_path):
+    amd, intel = "AMD EPYC (AVX512-BF16), 1 thread on 1 of 2 CPUs", "Intel Xeon (AVX512-BF16), 1 thread on 1 of 2 CPUs"
+    a = Run(tmp_path / "a", "g", "a", config={"model": "resnet20"}, summary={"hardware": amd})
+    b = Run(tmp_path / "b", "g", "b", config={"model": "resnet20"}, summary={"hardware": intel})
+    c = Run(tmp_path / "c", "g", "c", config={"model": "resnet20"})  # unfinished: no summary yet
+    table = group_table([a, b, c], tmp_path)
+    assert list(table.columns).index("hardware") == list(table.columns).index("wall time") + 1
+    assert table["hardware"].tolist() == [amd, intel, "—"]
+    assert "hardware" not in group_table([a, c], tmp_path).columns  # one machine: the caption says it
+    assert group_caption([b, a, c]).endswith(f"hardware: {amd}, {intel}")
+
+
 def test_run_groups_are_relative_to_the_log_root(tmp_path):
     root = tmp_path / "log"
     run_dir = make_run(root / "a" / "b" / "r1", done=1, finished=False)

@@ -230,9 +230,11 @@ def run_files(run: Run, img_dir: Path) -> dict[str, Path | None]:
 
 def group_table(runs: list[Run], out_dir: Path, links: dict[str, dict[str, Path | None]] | None = None):
     """One row per run: the seed's table (architecture, #params, error %, process) plus FLOPs,
-    best epoch, wall time and the run's state."""
+    best epoch, wall time and the run's state; a hardware column when the group's runs ran on
+    different machines (the caption lists them, the column says which run ran where)."""
     import pandas as pd
 
+    machines = {_hardware(r) for r in runs} - {None}
     rows = []
     for run in runs:
         best_epoch, best_val = run.best_epoch_and_acc
@@ -248,11 +250,17 @@ def group_table(runs: list[Run], out_dir: Path, links: dict[str, dict[str, Path 
             "best epoch": DASH if best_epoch is None else str(best_epoch),
             "epochs": f"{run.epochs_done}/{planned if planned is not None else '?'}",
             "wall time": fmt_duration(run.wall_time_s),
+            **({"hardware": _hardware(run) or DASH} if len(machines) > 1 else {}),
             "status": run.status,
             "log": _link("log", files.get("log"), out_dir),
             "curves": _link("img", files.get("curves"), out_dir),
         })
     return pd.DataFrame(rows)
+
+
+def _hardware(run: Run) -> str | None:
+    """The machine a run's summary names (runs from before summary.json had "hardware": its device)."""
+    return run.summary.get("hardware") or run.summary.get("device") or None
 
 
 def _distinct(values) -> str:
@@ -277,7 +285,7 @@ def group_caption(runs: list[Run]) -> str:
     return (f"dataset: {_distinct(r.dataset for r in runs)} · "
             f"epochs planned: {_distinct(r.epochs_planned for r in runs)} · "
             f"training images: {_distinct(subsets)} · "
-            f"hardware: {_distinct(r.summary.get('hardware') or r.summary.get('device') for r in runs)}")
+            f"hardware: {_distinct(_hardware(r) for r in runs)}")
 
 
 def group_figure(runs: list[Run], path: Path) -> Path | None:
