@@ -7,9 +7,10 @@ auto means bf16 autocast where the hardware computes bf16 natively, fp32 elsewhe
   bf16 convolutions and matmuls run on the bf16 dot-product units (resnet20 1.35x, vgg_a_bn 2.07x
   per training step on an AMD EPYC (Zen 4) with AVX512-BF16, issue 17). An Intel Xeon with
   AVX512-BF16 but no AMX (family 6 model 207 under KVM, session 8) trains faster in fp32: resnet20
-  455 vs 349 img/s, the dropout study's pre-activation ResNet 271 vs 254 (one thread, real trainer),
-  because its 512-bit fp32 FMAs are as wide as the bf16 path once conversions are paid for; Zen 4
-  runs 512-bit fp32 at half rate, which bf16 dot products escape.
+  455 vs 349 img/s, the dropout study's pre-activation ResNet 271 vs 254 (one thread, real trainer;
+  bench/RESULTS.md). A likely reason, not measured: Zen 4 runs 512-bit fp32 FMAs at half rate,
+  which its bf16 dot products escape, while this Xeon's full-rate fp32 leaves bf16 only the cost
+  of its conversions.
   Elsewhere (AVX2, or AVX-512 without BF16) bf16 is emulated with conversions, so fp32 stays.
 `off` forces fp32, `bf16` forces bf16 autocast wherever it runs.
 """
