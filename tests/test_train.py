@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 import torch
+import yaml
 
 from cifarlab.cli import main
 from cifarlab.config import make_config
