@@ -37,7 +37,7 @@ def resume_config(args):
     for key, value in given.items():
         if key in RESUMABLE_CHANGES:
             continue
-        if key == "recipe" and saved.get("recipe") is None and "recipe" in saved:
+        if key == "recipe" and saved.get("recipe") is None:  # written by an older resume
             _check_legacy_recipe(fresh, saved, saved_file)
             continue
         if getattr(fresh, key) != _as_field(saved.get(key), key):
